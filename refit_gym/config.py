@@ -1,0 +1,182 @@
+"""Experiment configuration: typed dataclasses read from YAML.
+
+Every field carries its documentation right under it, so the YAML files in ``configs/`` and
+this module are the same object. Unknown keys are errors (a typo never silently falls back to a
+default). Sections that later components own (``env``, ``finetune``) are kept as plain mappings
+here and validated by their owners.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from refit_gym.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    """A dataset name under the data directory (``diffrec_ml-1m_clean``), a path (DiffRec split
+    folder, ratings file, CSV, sequence pickle) or ``synthetic[:key=value,...]``."""
+    data_dir: Optional[str] = None
+    """Data directory; default ``$REFIT_GYM_DATA``, then the user cache directory."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "diffrec"
+    """Base model (see ``refit_gym.models.MODELS``)."""
+    dims: list[int] = field(default_factory=lambda: [200, 600])
+    """Hidden sizes of the denoiser's decoder half (DiffRec ML-1M: [200, 600])."""
+    time_emb_dim: int = 10
+    """Size of the timestep embedding."""
+    dropout: float = 0.5
+    """Dropout on the denoiser's input vector (training mode only)."""
+    norm: bool = False
+    """L2-normalise the input vector."""
+
+
+@dataclass
+class DiffusionConfig:
+    steps: int = 40
+    """Number of diffusion steps T."""
+    noise_schedule: str = "linear-var"
+    """``linear-var`` (DiffRec), ``linear``, ``cosine`` or ``binomial``."""
+    noise_scale: float = 0.005
+    """Scale of the linear schedules."""
+    noise_min: float = 0.005
+    """Start of the linear schedules (times noise_scale)."""
+    noise_max: float = 0.01
+    """End of the linear schedules (times noise_scale)."""
+    mean_type: str = "x0"
+    """What the denoiser predicts: ``x0`` or ``eps``."""
+    beta_fixed: bool = True
+    """Overwrite beta_0 with 1e-5 (DiffRec)."""
+    reweight: bool = True
+    """SNR-difference loss weights (DiffRec)."""
+    timestep_sampling: str = "importance"
+    """``importance`` (DiffRec's loss-aware sampling) or ``uniform``."""
+    noise_steps: int = 0
+    """Inference starts from the history row noised to this step; 0 = un-noised (DiffRec's
+    ``sampling_steps``, 0 in all its reported results)."""
+
+
+@dataclass
+class PretrainConfig:
+    lr: float = 1e-3
+    """AdamW learning rate at the start."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 400
+    """Users per batch."""
+    max_epochs: int = 300
+    """Hard cap on epochs."""
+    eval_every: int = 5
+    """Validate every this many epochs."""
+    min_epochs: int = 20
+    """Never stop before this many epochs."""
+    plateau_patience: int = 2
+    """Evaluations without a new best validation score before the learning rate decays (and,
+    after the last decay, before training stops)."""
+    lr_decay: float = 0.1
+    """Factor applied to the learning rate on a plateau."""
+    max_lr_decays: int = 2
+    """Number of decays before a plateau stops training (1e-3 -> 1e-4 -> 1e-5)."""
+    min_delta: float = 0.0
+    """A validation score must beat the best by more than this to count as an improvement."""
+    select_metric: str = "recall@20"
+    """Validation metric that selects the checkpoint."""
+    time_budget_s: Optional[float] = None
+    """Stop (keeping the best checkpoint) after this many seconds of wall time."""
+
+
+@dataclass
+class EvaluationConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
+    """Cut-offs of the ranking metrics."""
+    batch_size: int = 1024
+    """Users per evaluation batch."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    """A name for logs and results."""
+    seed: int = 0
+    """Seed of every random draw (data order, init, noise)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``..."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    env: dict[str, Any] = field(default_factory=dict)
+    """Environment options (see ``refit_gym.envs``)."""
+    finetune: dict[str, Any] = field(default_factory=dict)
+    """Fine-tuning options (see ``agents``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: Any, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {where!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in config section {where!r}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a nested mapping (unknown keys raise ``ConfigError``)."""
+    return _build(ExperimentConfig, values, "")
+
+
+def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> ExperimentConfig:
+    """Read a YAML experiment config, then apply dotted ``overrides`` (``{"pretrain.lr": 1e-4}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return config_from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def resolve_device(name: str = "auto"):
+    """A ``torch.device`` from a config string (``auto`` = CUDA when available)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"unknown device {name!r}: {error}") from None

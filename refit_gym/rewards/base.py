@@ -1,0 +1,113 @@
+"""The reward interface: a term scores the chain's final item scores for a batch of episodes.
+
+A reward term sees only **training** interactions: it is bound to a :class:`TrainingInteractions`
+view (the train matrix and each user's chronological training items) and never to a full
+:class:`~refit_gym.data.InteractionData`, so validation and test data cannot reach a reward by
+construction.
+
+At the end of an episode the env calls ``term(scores, episode)`` once for the whole batch, where
+``scores`` are the item scores ``(B, n_items)`` of the final state and ``episode`` says which
+users the rows are, which training items were given in the input (``visible``) and which were
+hidden from it for the reward to score (``held_out``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import scipy.sparse as sp
+import torch
+
+from refit_gym.data.interactions import InteractionData, UserSequences
+
+
+@dataclass(frozen=True)
+class TrainingInteractions:
+    """The only view of a dataset that rewards receive: training interactions, nothing else."""
+
+    train: sp.csr_matrix
+    train_sequences: UserSequences
+    name: str = ""
+
+    @classmethod
+    def from_data(cls, data: InteractionData) -> "TrainingInteractions":
+        return cls(train=data.train, train_sequences=data.train_sequences, name=data.name)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.train.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.train.shape[1])
+
+
+@dataclass
+class EpisodeBatch:
+    """What a reward knows about a batch of episodes (all tensors on the env's device).
+
+    Attributes:
+        users: ``(B,)`` user ids.
+        visible: ``(B, n_items)`` float, the training items given in the initial state's input.
+        held_out: ``(B, n_items)`` bool, training items hidden from the input and scored by
+            recovery rewards (all False when the env hides nothing).
+    """
+
+    users: torch.Tensor
+    visible: torch.Tensor
+    held_out: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.users.shape[0])
+
+
+class RewardTerm:
+    """One reward term. Subclasses implement :meth:`__call__` and, when they precompute, :meth:`bind`.
+
+    Attributes:
+        name: the key under which the term's value is reported in ``info``.
+        differentiable: whether ``__call__`` is differentiable in ``scores`` (the ``supervised``
+            reference agent may only maximise differentiable terms).
+    """
+
+    name: str = "reward"
+    differentiable: bool = False
+
+    def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "RewardTerm":
+        """Precompute what the term needs from training data (e.g. neighbour lists); returns self."""
+        return self
+
+    def __call__(self, scores: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
+        """The term's value for each episode, shape ``(B,)``."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-able description (class and parameters) for the run record."""
+        return {"term": type(self).__name__}
+
+
+class StepShaping:
+    """Potential-based shaping (Ng, Harada & Russell 1999): ``F = phi(s') - phi(s)`` (gamma = 1).
+
+    A shaping object is bound like a term and called on every transition; the sum of its
+    rewards over an episode telescopes to ``phi(s_T) - phi(s_0)``, so it does not change which
+    policy is optimal.
+    """
+
+    name: str = "shaping"
+
+    def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "StepShaping":
+        return self
+
+    def potential(self, x_t: torch.Tensor, t: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, x_next: torch.Tensor, t_next: torch.Tensor, episode: EpisodeBatch
+    ) -> torch.Tensor:
+        return self.potential(x_next, t_next, episode) - self.potential(x_t, t, episode)
+
+
+__all__ = ["TrainingInteractions", "EpisodeBatch", "RewardTerm", "StepShaping"]

@@ -1,0 +1,63 @@
+"""Run records shared by every training loop: a CSV log, a JSON results file and a curve plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+
+class CsvLogger:
+    """Appends one row per call to ``path``; the header grows to the union of keys seen so far.
+
+    Rows are kept in memory and the whole file is rewritten on each call (logs here are a few
+    hundred rows), so a late new column never misaligns earlier rows.
+    """
+
+    def __init__(self, path: str | Path, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        if resume and self.path.is_file():
+            with self.path.open(newline="") as handle:
+                self.rows = list(csv.DictReader(handle))
+        self.fields: list[str] = list(self.rows[0].keys()) if self.rows else []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.fields += [key for key in row if key not in self.fields]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def plot_curves(
+    rows: Iterable[dict[str, Any]], x: str, ys: list[str], path: str | Path, title: Optional[str] = None
+) -> Optional[Path]:
+    """Plot columns ``ys`` against ``x`` (one panel each) to a PNG; returns None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = list(rows)
+    panels = [y for y in ys if any(row.get(y) not in (None, "") for row in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for axis, y in zip(axes[0], panels):
+        points = [(float(r[x]), float(r[y])) for r in rows if r.get(y) not in (None, "")]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set_xlabel(x)
+        axis.set_title(y)
+        axis.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
