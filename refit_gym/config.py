@@ -87,6 +87,9 @@ class PretrainConfig:
     """Factor applied to the learning rate on a plateau."""
     max_lr_decays: int = 2
     """Number of decays before a plateau stops training (1e-3 -> 1e-4 -> 1e-5)."""
+    restore_best_on_decay: bool = True
+    """On a plateau, go back to the best-validation weights before decaying the learning rate
+    (DiffRec's checkpoint continued at a lower rate); False continues from the current weights."""
     min_delta: float = 0.0
     """A validation score must beat the best by more than this to count as an improvement."""
     select_metric: str = "recall@20"

@@ -38,3 +38,8 @@ class CheckpointError(RefitGymError, ValueError):
 
 class DownloadError(RefitGymError, RuntimeError):
     """A dataset could not be downloaded or failed its checksum."""
+
+
+class NotFittedError(RefitGymError, AttributeError):
+    """A model was used before ``fit``. Also an ``AttributeError``, so that
+    ``isinstance(unfitted_model, Recommender)`` is False instead of raising."""

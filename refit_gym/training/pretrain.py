@@ -98,7 +98,7 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + loss.item(), batches + 1
         row: dict[str, Any] = {
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
@@ -127,10 +127,12 @@ def pretrain(
                     row["event"] = "stop: plateau"
                 else:
                     decays, stale = decays + 1, 0
-                    model.denoiser.load_state_dict(best_state)
+                    if settings.restore_best_on_decay:
+                        model.denoiser.load_state_dict(best_state)
                     for group in optimizer.param_groups:
                         group["lr"] *= settings.lr_decay
-                    row["event"] = f"lr decay -> {optimizer.param_groups[0]['lr']:.1e} from best epoch {best_epoch}"
+                    row["event"] = f"lr decay -> {optimizer.param_groups[0]['lr']:.1e}" + (
+                        f" from best epoch {best_epoch}" if settings.restore_best_on_decay else "")
                     log(f"epoch {epoch}: {row['event']}")
         row["seconds"] = time.perf_counter() - start
         history.append(row)

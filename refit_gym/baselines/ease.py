@@ -1,0 +1,215 @@
+"""EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019).
+
+Closed form: with ``X`` the binary users x items training matrix and
+``P = (XᵀX + λI)⁻¹``, the item-item weights are ``B = I - P · diag(1 / diag(P))`` (so
+``diag(B) = 0``), and user ``u``'s scores are ``X_u B``. ``B`` is computed in float64 and
+stored in float32. It is a dense ``n_items x n_items`` matrix: the fit needs about
+``3 · 8 · n_items²`` bytes at its peak (~10 GB for 20,000 items), hence ``max_items``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import torch
+
+from refit_gym.data.interactions import InteractionData
+from refit_gym.errors import NotFittedError
+from refit_gym.errors import ConfigError, DataError
+from refit_gym.evaluation.metrics import is_positive_int, metric_names
+
+DEFAULT_MAX_ITEMS = 20_000
+DEFAULT_L2_GRID = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0)
+
+
+def _check_l2(l2: float) -> float:
+    if isinstance(l2, bool) or not isinstance(l2, (int, float, np.number)) or not (
+        math.isfinite(l2) and l2 > 0
+    ):
+        raise ConfigError(f"EASE l2 must be a finite number > 0, got {l2!r}")
+    return float(l2)
+
+
+def _check_train(train: sp.spmatrix, max_items: int) -> sp.csr_matrix:
+    if not sp.issparse(train) or train.ndim != 2:
+        raise DataError(f"train must be a 2-D scipy sparse matrix, got {type(train).__name__}")
+    n_items = train.shape[1]
+    if n_items > max_items:
+        gigabytes = 3 * 8 * n_items**2 / 1e9
+        raise ConfigError(
+            f"EASE needs dense {n_items} x {n_items} item-item matrices (~{gigabytes:.1f} GB at "
+            f"its peak); the limit is max_items={max_items}. Pass a larger max_items if the "
+            f"machine has the memory."
+        )
+    binary = sp.csr_matrix(train, dtype=np.float64, copy=True)
+    binary.eliminate_zeros()
+    binary.data[:] = 1.0
+    return binary
+
+
+def gram_matrix(train: sp.csr_matrix) -> np.ndarray:
+    """``XᵀX`` of the binarised training matrix, dense float64 ``(n_items, n_items)``."""
+    return np.asarray((train.T @ train).toarray(), dtype=np.float64)
+
+
+def ease_weights(gram: np.ndarray, l2: float) -> np.ndarray:
+    """``B = I - P diag(1/diag(P))``, ``P = (gram + l2 I)⁻¹``, ``diag(B) = 0``; float32."""
+    l2 = _check_l2(l2)
+    regularised = gram.copy()
+    regularised[np.diag_indices_from(regularised)] += l2
+    # gram + l2 I is symmetric positive definite: invert through its Cholesky factor.
+    factor = scipy.linalg.cho_factor(regularised, overwrite_a=True, check_finite=False)
+    precision = scipy.linalg.cho_solve(
+        factor, np.eye(gram.shape[0]), overwrite_b=True, check_finite=False
+    )
+    del factor, regularised
+    weights = precision / (-np.diag(precision))  # column j divided by -P_jj
+    np.fill_diagonal(weights, 0.0)
+    return weights.astype(np.float32)
+
+
+class EASERecommender:
+    """EASE item-item model; implements :class:`refit_gym.evaluation.Recommender`.
+
+    Args:
+        l2: the ridge penalty λ (> 0). Tune it on validation with :func:`tune_ease`.
+        max_items: refuse (``ConfigError``) to fit more items than this (dense ``n_items²``
+            matrices; see the module docstring).
+        device: where the weights live and the scores are computed.
+    """
+
+    name = "ease"
+
+    def __init__(
+        self,
+        l2: float = 500.0,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
+        self.l2 = _check_l2(l2)
+        if not is_positive_int(max_items):
+            raise ConfigError(f"max_items must be a positive int, got {max_items!r}")
+        self.max_items = int(max_items)
+        self.device = torch.device(device)
+        self.weights: Optional[torch.Tensor] = None  # float32 (n_items, n_items)
+        self._train: Optional[sp.csr_matrix] = None
+
+    def fit(self, train: sp.spmatrix) -> "EASERecommender":
+        """Fit on ``train`` (users x items, binarised); keeps it to score users by id."""
+        binary = _check_train(train, self.max_items)
+        self._set(binary, ease_weights(gram_matrix(binary), self.l2))
+        return self
+
+    def _set(self, binary: sp.csr_matrix, weights: np.ndarray) -> None:
+        self._train = binary.astype(np.float32)
+        self.weights = torch.from_numpy(weights).to(self.device)
+
+    @property
+    def n_items(self) -> int:
+        return int(self._fitted().shape[0])
+
+    def _fitted(self) -> torch.Tensor:
+        if self.weights is None:
+            raise NotFittedError("EASERecommender is not fitted; call fit(train) first")
+        return self.weights
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """``X[users] @ B``: float32 ``(len(users), n_items)`` on the model's device."""
+        weights = self._fitted()
+        ids = users.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self._train.shape[0]):
+            raise DataError(
+                f"user ids must lie in [0, {self._train.shape[0]}), got {ids.min()}..{ids.max()}"
+            )
+        rows = self._train[ids]
+        if weights.device.type == "cpu":
+            return torch.from_numpy(np.asarray(rows @ weights.numpy()))  # scipy's sparse @ dense
+        return torch.from_numpy(rows.toarray()).to(weights.device) @ weights
+
+
+@dataclass
+class EASETuning:
+    """The result of :func:`tune_ease`: the λ with the best ``metric`` on ``split``."""
+
+    best_l2: float
+    best_score: float
+    metric: str
+    split: str
+    scores: dict[float, float]  # λ -> score on ``split``, in grid order
+    model: EASERecommender = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "best_l2": self.best_l2,
+            "best_score": self.best_score,
+            "metric": self.metric,
+            "split": self.split,
+            "scores": {str(l2): score for l2, score in self.scores.items()},
+        }
+
+
+def tune_ease(
+    data: InteractionData,
+    l2_grid: Iterable[float] = DEFAULT_L2_GRID,
+    split: str = "valid",
+    metric: str = "recall@20",
+    *,
+    batch_size: int = 1024,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> EASETuning:
+    """Fit EASE on ``data.train`` for every λ of ``l2_grid``; keep the best on validation.
+
+    Only the validation split may select λ (``split="test"`` raises :class:`ConfigError`).
+    ``XᵀX`` is computed once; ties keep the earlier grid point. Returns the fitted best model.
+    """
+    from refit_gym.evaluation.evaluator import evaluate
+
+    if split != "valid":
+        raise ConfigError(
+            f"tune_ease selects λ on the validation split only, got split={split!r}"
+        )
+    grid = [_check_l2(l2) for l2 in l2_grid]
+    if not grid:
+        raise ConfigError("l2_grid is empty")
+    name, _, cutoff = str(metric).partition("@")
+    if not cutoff.isdigit() or int(cutoff) < 1 or metric not in metric_names((int(cutoff),)):
+        raise ConfigError(
+            f"unknown metric {metric!r}; expected recall@K, ndcg@K, precision@K or mrr@K"
+        )
+    ks = (int(cutoff),)
+
+    binary = _check_train(data.train, max_items)
+    gram = gram_matrix(binary)
+    model = EASERecommender(grid[0], max_items=max_items, device=device)
+    scores: dict[float, float] = {}
+    best_l2, best_score, best_weights = None, -math.inf, None
+    iterator = grid
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(grid, desc="tune EASE l2", unit="l2")
+    for l2 in iterator:
+        model.l2 = l2
+        model._set(binary, ease_weights(gram, l2))
+        result = evaluate(model, data, splits=(split,), ks=ks, batch_size=batch_size)
+        score = result.metrics[split][metric]
+        scores[l2] = score
+        if score > best_score:
+            best_l2, best_score, best_weights = l2, score, model.weights
+    model.l2 = best_l2
+    model.weights = best_weights
+    return EASETuning(
+        best_l2=best_l2,
+        best_score=best_score,
+        metric=metric,
+        split=split,
+        scores=scores,
+        model=model,
+    )

@@ -1,0 +1,129 @@
+"""Popularity and EASE baselines, EASE tuning on validation, the registry, and ML-1M."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from refit_gym.baselines import (
+    EASERecommender,
+    PopularityRecommender,
+    build_baseline,
+    tune_ease,
+)
+from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
+from refit_gym.errors import ConfigError, RefitGymError
+from refit_gym.evaluation import Recommender, evaluate
+
+
+def structured_data(n_users=240, n_items=60, n_groups=6, seed=0) -> InteractionData:
+    """Users of group g like items of block g; blocks are of equal size, so popularity is ~flat
+    across blocks while co-occurrence (EASE) finds the user's block."""
+    rng = np.random.default_rng(seed)
+    block = n_items // n_groups
+    pairs = {"train": [], "valid": [], "test": []}
+    for u in range(n_users):
+        g = u % n_groups
+        liked = g * block + rng.permutation(block)[:8]
+        noise = rng.integers(0, n_items, size=1)
+        items = np.unique(np.concatenate([liked, noise]))
+        items = rng.permutation(items)
+        pairs["test"] += [(u, i) for i in items[:2]]
+        pairs["valid"] += [(u, i) for i in items[2:4]]
+        pairs["train"] += [(u, i) for i in items[4:]]
+    arrays = {k: np.array(v, dtype=np.int64) for k, v in pairs.items()}
+    mats = {k: pairs_to_csr(a[:, 0], a[:, 1], n_users, n_items) for k, a in arrays.items()}
+    return InteractionData(
+        name="blocks",
+        **mats,
+        train_sequences=UserSequences.from_pairs(*arrays["train"].T, n_users),
+    )
+
+
+def test_popularity_scores_item_counts():
+    train = sp.csr_matrix(np.array([[1, 0, 1], [1, 0, 0], [1, 1, 0]], dtype=np.float32))
+    model = PopularityRecommender().fit(train)
+    assert isinstance(model, Recommender) and model.n_items == 3
+    scores = model.score(torch.tensor([0, 2]))
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == [[3, 1, 1], [3, 1, 1]]
+    scores[0, 0] = -1  # a fresh tensor: the model is unaffected
+    assert model.score(torch.tensor([1])).tolist() == [[3, 1, 1]]
+
+
+def test_ease_matches_numpy_formula():
+    rng = np.random.default_rng(0)
+    x = (rng.random((12, 6)) < 0.4).astype(np.float64)
+    l2 = 2.5
+    p = np.linalg.inv(x.T @ x + l2 * np.eye(6))
+    expected = np.eye(6) - p @ np.diag(1.0 / np.diag(p))
+    model = EASERecommender(l2=l2).fit(sp.csr_matrix(x.astype(np.float32)))
+    assert model.weights.dtype == torch.float32
+    np.testing.assert_allclose(model.weights.numpy(), expected, atol=1e-6)
+    assert np.all(np.diag(model.weights.numpy()) == 0)
+    users = torch.tensor([3, 0, 7])
+    np.testing.assert_allclose(model.score(users).numpy(), x[[3, 0, 7]] @ expected, atol=1e-5)
+
+
+def test_ease_beats_popularity_on_structured_data():
+    data = structured_data()
+    pop = evaluate(PopularityRecommender().fit(data.train), data, ks=(10,))
+    ease = evaluate(EASERecommender(l2=10.0).fit(data.train), data, ks=(10,))
+    for split in ("valid", "test"):
+        assert ease.metrics[split]["recall@10"] > pop.metrics[split]["recall@10"] + 0.2
+
+
+def test_tune_ease_selects_on_validation():
+    data = structured_data(seed=1)
+    grid = (1.0, 10.0, 100.0, 10000.0)
+    tuning = tune_ease(data, l2_grid=grid, metric="ndcg@10")
+    assert list(tuning.scores) == list(grid)
+    assert tuning.best_score == max(tuning.scores.values())
+    assert tuning.scores[tuning.best_l2] == tuning.best_score
+    assert tuning.model.l2 == tuning.best_l2
+    refit = EASERecommender(l2=tuning.best_l2).fit(data.train)
+    torch.testing.assert_close(tuning.model.weights, refit.weights)
+    valid = evaluate(tuning.model, data, splits="valid", ks=(10,)).metrics["valid"]["ndcg@10"]
+    assert valid == pytest.approx(tuning.best_score, abs=1e-12)
+    assert tuning.to_dict()["best_l2"] == tuning.best_l2
+
+
+def test_bad_inputs_raise_library_errors():
+    data = structured_data()
+    with pytest.raises(ConfigError, match="validation split only"):
+        tune_ease(data, split="test")
+    with pytest.raises(ConfigError, match="unknown metric 'hits@10'"):
+        tune_ease(data, metric="hits@10")
+    with pytest.raises(ConfigError, match="unknown metric"):
+        tune_ease(data, metric="recall")
+    with pytest.raises(ConfigError, match="l2"):
+        EASERecommender(l2=0)
+    with pytest.raises(ConfigError, match="max_items=50"):
+        EASERecommender(max_items=50).fit(data.train)
+    with pytest.raises(ConfigError, match="unknown baseline 'bpr'"):
+        build_baseline("bpr")
+    with pytest.raises(ConfigError, match="bad arguments"):
+        build_baseline("popularity", l2=3)
+    with pytest.raises(RefitGymError, match="not fitted"):
+        EASERecommender().score(torch.tensor([0]))
+    with pytest.raises(RefitGymError, match="not fitted"):
+        PopularityRecommender().n_items
+    assert not isinstance(EASERecommender(), Recommender)  # unfitted: no n_items yet
+
+
+def test_registry_builds_unfitted_baselines():
+    assert isinstance(build_baseline("popularity"), PopularityRecommender)
+    model = build_baseline("ease", l2=123.0)
+    assert isinstance(model, EASERecommender) and model.l2 == 123.0
+
+
+@pytest.mark.real_data
+def test_ease_on_diffrec_ml1m_clean(real_data_dir):
+    from refit_gym.data import load_dataset
+
+    data = load_dataset("diffrec_ml-1m_clean")
+    tuning = tune_ease(data)
+    result = evaluate(tuning.model, data, splits=("test",), ks=(20,))
+    assert result.metrics["test"]["recall@20"] >= 0.18, (tuning.to_dict(), result.metrics)

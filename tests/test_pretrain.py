@@ -1,0 +1,130 @@
+"""Pretraining on synthetic data, checkpoints, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refit_gym.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from refit_gym.config import config_from_dict, load_config
+from refit_gym.data.synthetic import make_synthetic
+from refit_gym.errors import CheckpointError, ConfigError
+from refit_gym.evaluation.evaluator import evaluate
+from refit_gym.models import build_model
+from refit_gym.training.pretrain import pretrain
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+SMALL = {
+    "seed": 0,
+    "device": "cpu",
+    "model": {"dims": [32, 64]},
+    "diffusion": {"steps": 5},
+    "pretrain": {"batch_size": 100, "max_epochs": 30, "eval_every": 5, "min_epochs": 10, "plateau_patience": 1},
+    "evaluation": {"ks": [10, 20]},
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(n_users=400, n_items=150, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("pretrained")
+    config = config_from_dict(SMALL)
+    return pretrain(config, data, output_dir=output, progress=False, log=lambda _: None), output, config
+
+
+def test_pretraining_beats_the_untrained_model_and_popularity_floor(data, trained):
+    result, _, config = trained
+    untrained = build_model(config.model, config.diffusion, data).eval()
+    before = evaluate(untrained, data, splits=("valid",), ks=(20,)).metrics["valid"]["recall@20"]
+    after = result.best_metrics["valid"]["recall@20"]
+    assert after > before + 0.05, (before, after)
+
+
+def test_pretraining_writes_a_checkpoint_log_and_metrics(trained):
+    result, output, _ = trained
+    for name in ("model.safetensors", "config.json", "metrics.json", "log.csv", "curves.png"):
+        assert (output / name).is_file(), name
+    record = json.loads((output / "metrics.json").read_text())
+    assert record["best_epoch"] == result.best_epoch
+    assert record["seed"] == 0 and "torch" in record["versions"]
+
+
+def test_checkpoint_round_trip_reproduces_the_metrics(data, trained):
+    result, output, _ = trained
+    model, config = load_checkpoint(output, data)
+    metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20)).metrics
+    assert metrics["valid"]["recall@20"] == pytest.approx(result.best_metrics["valid"]["recall@20"], abs=1e-7)
+    assert metrics["test"]["ndcg@20"] == pytest.approx(result.best_metrics["test"]["ndcg@20"], abs=1e-7)
+
+
+def test_same_seed_same_pretraining(data):
+    config = config_from_dict({**SMALL, "pretrain": {**SMALL["pretrain"], "max_epochs": 5, "min_epochs": 5}})
+    first = pretrain(config, data, progress=False, log=lambda _: None)
+    second = pretrain(config, data, progress=False, log=lambda _: None)
+    for a, b in zip(first.model.denoiser.parameters(), second.model.denoiser.parameters()):
+        assert torch.equal(a, b)
+    assert first.best_metrics == second.best_metrics
+
+
+def test_checkpoint_for_other_data_is_refused(trained):
+    _, output, _ = trained
+    other = make_synthetic(n_users=300, n_items=120, seed=1)
+    with pytest.raises(ConfigError, match="users x"):
+        load_checkpoint(output, other)
+
+
+def test_missing_or_broken_checkpoint_files_are_named(tmp_path, data, trained):
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_checkpoint_config(tmp_path)
+    _, output, config = trained
+    copy = tmp_path / "copy"
+    model = build_model(config.model, config.diffusion, data)
+    save_checkpoint(copy, model, config, data)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(copy, data)
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, data, trained, monkeypatch):
+    _, _, config = trained
+    model = build_model(config.model, config.diffusion, data)
+    save_checkpoint(tmp_path, model, config, data, metrics={"v": 1})
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("refit_gym.checkpoint.save_file", fail)
+    with torch.no_grad():
+        model.denoiser.out_layers[-1].bias.add_(1.0)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, model, config, data)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"v": 1}
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="lrr"):
+        config_from_dict({"pretrain": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match="bogus"):
+        config_from_dict({"bogus": 1})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [1, 2")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_shipped_configs_load():
+    for name in ("ml1m_diffrec.yaml", "synthetic_diffrec.yaml"):
+        config = load_config(CONFIGS / name)
+        assert config.model.name == "diffrec"
+    ml1m = load_config(CONFIGS / "ml1m_diffrec.yaml")
+    assert (ml1m.diffusion.steps, ml1m.diffusion.noise_scale, ml1m.model.dims) == (40, 0.005, [200, 600])
