@@ -1,0 +1,63 @@
+"""Reward library: terms that score a batch of final item scores using training interactions only.
+
+Terms (each a :class:`RewardTerm`; registry names in :data:`REWARD_TERMS`):
+
+- ``loglik`` :class:`HeldOutLogLikelihood` and ``likelihood`` :class:`HeldOutLikelihood`:
+  recovery of the held-out training items (the log one is the exact-likelihood objective);
+- ``collaborative`` :class:`CollaborativeReward`: the items of the user's top-k similar users;
+- ``recall`` :class:`HeldOutRecall`, ``ndcg`` :class:`HeldOutNDCG`: the naive ranking rewards;
+
+combined by :class:`WeightedReward` (built from a config by :func:`build_reward`), plus the
+potential-based :class:`HeldOutPotential` shaping (:func:`build_shaping`, off by default).
+"""
+
+from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping, TrainingInteractions
+from refit_gym.rewards.cache import default_reward_cache_dir, matrix_fingerprint
+from refit_gym.rewards.collaborative import CollaborativeReward, collaborative_targets
+from refit_gym.rewards.likelihood import HeldOutLikelihood, HeldOutLogLikelihood
+from refit_gym.rewards.neighbours import (
+    SIMILARITIES,
+    UserNeighbours,
+    clear_memory_cache,
+    find_neighbours,
+    top_k_similar_users,
+)
+from refit_gym.rewards.ranking import HeldOutNDCG, HeldOutRecall
+from refit_gym.rewards.registry import (
+    REWARD_TERMS,
+    SHAPINGS,
+    build_reward,
+    build_shaping,
+    normalize_reward_spec,
+    reward_spec,
+)
+from refit_gym.rewards.shaping import HeldOutPotential
+from refit_gym.rewards.weighted import WeightedReward
+
+__all__ = [
+    "CollaborativeReward",
+    "EpisodeBatch",
+    "HeldOutLikelihood",
+    "HeldOutLogLikelihood",
+    "HeldOutNDCG",
+    "HeldOutPotential",
+    "HeldOutRecall",
+    "REWARD_TERMS",
+    "RewardTerm",
+    "SHAPINGS",
+    "SIMILARITIES",
+    "StepShaping",
+    "TrainingInteractions",
+    "UserNeighbours",
+    "WeightedReward",
+    "build_reward",
+    "build_shaping",
+    "clear_memory_cache",
+    "collaborative_targets",
+    "default_reward_cache_dir",
+    "find_neighbours",
+    "matrix_fingerprint",
+    "normalize_reward_spec",
+    "reward_spec",
+    "top_k_similar_users",
+]

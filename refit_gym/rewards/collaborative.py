@@ -1,0 +1,160 @@
+"""The collaborative term: how likely the final state makes what the user's nearest neighbours have.
+
+Our reading of ReFiT's "collaborative signal-aware" reward (the paper's equations are not
+available; see ``DESIGN.md``, "Reward"). At bind time, from the **training** matrix only:
+
+1. every user's top-``k`` most similar users (cosine or Pearson on training rows, computed in
+   blocks of users and cached, :mod:`refit_gym.rewards.neighbours`);
+2. a collaborative target per user: the neighbours' training items weighted by similarity
+   (neighbours with similarity ``<= 0`` ignored), **minus the user's own training items**
+   -- the high-order user -> item -> user -> item signal the user's own history does not hold
+   -- normalised to sum 1. Stored as a sparse users x items CSR matrix
+   (:func:`collaborative_targets`).
+
+At call time the reward is the expected log-likelihood ``sum_i q_u(i) log p(i)`` of the
+target ``q_u`` under ``p = softmax(scores / tau)`` with the input items masked (``objective=
+"loglik"``, i.e. minus the cross-entropy), or the expected probability ``sum_i q_u(i) p(i)``
+(``objective="mass"``). A user whose target is empty gets 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from refit_gym.data.sparse_rows import SparseRows
+from refit_gym.errors import EpisodeStateError
+from refit_gym.rewards._checks import check_batch, check_choice, check_int_in_range, check_temperature
+from refit_gym.rewards.base import EpisodeBatch, RewardTerm, TrainingInteractions
+from refit_gym.rewards.cache import PathLike, matrix_fingerprint
+from refit_gym.rewards.functional import masked_logits, sparse_target_value
+from refit_gym.rewards.likelihood import DEFAULT_TEMPERATURE
+from refit_gym.rewards.neighbours import SIMILARITIES, UserNeighbours, find_neighbours
+
+OBJECTIVES = ("loglik", "mass")
+
+
+def collaborative_targets(train: sp.spmatrix, neighbours: UserNeighbours) -> sp.csr_matrix:
+    """Per user, the neighbours' items weighted by similarity, own training items removed, rows summing to 1.
+
+    Args:
+        train: the ``(n_users, n_items)`` training matrix the neighbours were computed on.
+        neighbours: each user's top-k similar users.
+
+    Returns:
+        float32 CSR ``(n_users, n_items)``, ``q[u, i] = sum_{v in N(u)} max(s_uv, 0) x_vi`` over
+        items ``i`` not in ``u``'s training row, divided by its row sum. Rows with nothing left
+        are empty (all 0).
+    """
+    train = sp.csr_matrix(train, dtype=np.float32)
+    scores = (neighbours.weight_matrix() @ train).tocsr()
+    own = train.copy()
+    own.data[:] = 1.0
+    scores = (scores - scores.multiply(own)).tocsr()  # exact zeros at the user's own items
+    scores.eliminate_zeros()
+    row_sums = np.asarray(scores.sum(axis=1), dtype=np.float64).ravel()
+    inverse = np.divide(1.0, row_sums, out=np.zeros_like(row_sums), where=row_sums > 0)
+    targets = sp.diags(inverse).dot(scores).tocsr().astype(np.float32)
+    targets.sort_indices()
+    return targets
+
+
+class CollaborativeReward(RewardTerm):
+    """Expected log-likelihood (or mass) of the user's collaborative target under the final scores.
+
+    See the module docstring for the target. Binding computes (or loads from the cache) the
+    neighbour lists and the target matrix; a call gathers the batch's target rows on the
+    scores' device and costs one masked log-softmax plus a gather over the targets' entries.
+
+    Args:
+        k: neighbours per user, ``1 <= k <= n_users - 1`` (the upper bound is checked at bind).
+        similarity: ``"cosine"`` or ``"pearson"`` (full-row mean centring; see
+            :mod:`refit_gym.rewards.neighbours`).
+        temperature: softmax temperature ``tau > 0``.
+        objective: ``"loglik"`` (``sum_i q(i) log p(i)``, ``<= 0``) or ``"mass"``
+            (``sum_i q(i) p(i)``, in ``[0, 1]``).
+        differentiable: report the term as differentiable in ``scores``. The computation is
+            differentiable either way; with ``False`` (the default, so that agents optimise it
+            by policy gradient) the value is computed without autograd and returned detached.
+        block_size: users per similarity block (``None``: automatic, see
+            :func:`~refit_gym.rewards.neighbours.default_block_size`). Time and memory only.
+        cache_dir: ``None`` (cache neighbour lists in memory only), ``"auto"`` (also on disk in
+            the per-user cache folder) or a folder outside the repository.
+        progress: show a progress bar while computing neighbours.
+
+    Raises:
+        ConfigError: a parameter out of range or an unknown choice.
+    """
+
+    name = "collaborative"
+
+    def __init__(
+        self,
+        k: int = 20,
+        similarity: str = "cosine",
+        temperature: float = DEFAULT_TEMPERATURE,
+        objective: str = "loglik",
+        differentiable: bool = False,
+        block_size: Optional[int] = None,
+        cache_dir: Optional[PathLike] = None,
+        progress: bool = False,
+    ) -> None:
+        self.k = check_int_in_range(k, "the number of neighbours k", 1)
+        self.similarity = check_choice(similarity, SIMILARITIES, "similarity")
+        self.temperature = check_temperature(temperature)
+        self.objective = check_choice(objective, OBJECTIVES, "collaborative objective")
+        self.differentiable = bool(differentiable)
+        self.block_size = None if block_size is None else check_int_in_range(block_size, "block_size", 1)
+        self.cache_dir = cache_dir
+        self.progress = bool(progress)
+        self.neighbours: Optional[UserNeighbours] = None
+        self.targets: Optional[sp.csr_matrix] = None
+        self._target_rows: Optional[SparseRows] = None
+
+    def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "CollaborativeReward":
+        """Compute (or fetch from the cache) the neighbours and the target matrix; returns self.
+
+        Raises:
+            ConfigError: ``k > n_users - 1``.
+        """
+        check_int_in_range(self.k, "the number of neighbours k", 1, interactions.n_users - 1)
+        train = interactions.train
+        self.neighbours = find_neighbours(
+            train,
+            self.k,
+            self.similarity,
+            block_size=self.block_size,
+            cache_dir=self.cache_dir,
+            fingerprint=matrix_fingerprint(train),
+            progress=self.progress,
+        )
+        self.targets = collaborative_targets(train, self.neighbours)
+        self._target_rows = SparseRows(self.targets, device)
+        return self
+
+    def __call__(self, scores: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
+        """``(B,)`` expected log-likelihood (or mass) of each episode's collaborative target."""
+        if self._target_rows is None:
+            raise EpisodeStateError("CollaborativeReward is not bound; call .bind(interactions, device) first")
+        check_batch(scores, episode, self._target_rows.n_cols)
+        if self._target_rows.device != scores.device:
+            self._target_rows = self._target_rows.to(scores.device)
+        rows = self._target_rows
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            batch_row, item, weight = rows.coordinates(episode.users.long())
+            logits = masked_logits(scores, episode.visible, self.temperature)
+            value = sparse_target_value(logits, batch_row, item, weight, self.objective)
+        return value if self.differentiable else value.detach()
+
+    def config(self) -> dict:
+        return {
+            "term": type(self).__name__,
+            "k": self.k,
+            "similarity": self.similarity,
+            "temperature": self.temperature,
+            "objective": self.objective,
+            "differentiable": self.differentiable,
+        }

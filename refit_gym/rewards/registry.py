@@ -1,0 +1,235 @@
+"""Build a bound reward (and optional shaping) from a config mapping or a short string.
+
+A reward spec maps component names to entries::
+
+    {"loglik": {"weight": 1.0, "temperature": 0.1},
+     "collaborative": {"weight": 0.5, "k": 20, "similarity": "cosine"}}
+
+An entry's ``type`` is the registry name of its term (:data:`REWARD_TERMS`) and defaults to
+the component name, so two terms of one type can sit side by side
+(``{"collab20": {"type": "collaborative", "k": 20}, "collab50": {"type": "collaborative",
+"k": 50}}``). ``weight`` defaults to 1; every other key is a keyword of the term's class. An
+entry can also be just a number (the weight). A string spec is either a JSON object or
+``"loglik"``, ``"loglik+collaborative"``, ``"1.0*loglik+0.5*collaborative"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from refit_gym.data.interactions import InteractionData
+from refit_gym.errors import ConfigError
+from refit_gym.rewards.base import RewardTerm, StepShaping, TrainingInteractions
+from refit_gym.rewards.collaborative import CollaborativeReward
+from refit_gym.rewards.likelihood import HeldOutLikelihood, HeldOutLogLikelihood
+from refit_gym.rewards.ranking import HeldOutNDCG, HeldOutRecall
+from refit_gym.rewards.shaping import HeldOutPotential
+from refit_gym.rewards.weighted import WeightedReward
+
+REWARD_TERMS: dict[str, type[RewardTerm]] = {
+    "loglik": HeldOutLogLikelihood,
+    "likelihood": HeldOutLikelihood,
+    "collaborative": CollaborativeReward,
+    "recall": HeldOutRecall,
+    "ndcg": HeldOutNDCG,
+}
+"""Registry names of the reward terms ``build_reward`` knows."""
+
+SHAPINGS: dict[str, type[StepShaping]] = {"held_out": HeldOutPotential}
+"""Registry names of the shaping potentials ``build_shaping`` knows."""
+
+RewardSpec = Union[Mapping[str, Any], str, RewardTerm]
+
+
+def _parse_string(spec: str) -> dict[str, Any]:
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"reward spec {spec!r} is not valid JSON: {error}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"a JSON reward spec must be an object, got {spec!r}")
+        return parsed
+    entries: dict[str, Any] = {}
+    for part in text.split("+"):
+        weight_text, _, name = part.strip().rpartition("*")
+        name = name.strip()
+        if not name:
+            raise ConfigError(f"reward spec {spec!r} has an empty term; expected e.g. 'loglik+0.5*collaborative'")
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+        except ValueError:
+            raise ConfigError(f"reward spec {spec!r}: {weight_text.strip()!r} is not a weight") from None
+        if name in entries:
+            raise ConfigError(f"reward spec {spec!r} names {name!r} twice")
+        entries[name] = {"weight": weight}
+    return entries
+
+
+def _accepted_parameters(cls: type) -> list[str]:
+    parameters = inspect.signature(cls.__init__).parameters
+    return [name for name in parameters if name != "self"]
+
+
+def _instantiate(registry: Mapping[str, type], kind: Any, params: dict, where: str, what: str):
+    """``registry[kind](**params)``, with a :class:`ConfigError` naming unknown types / parameters."""
+    if not isinstance(kind, str) or kind not in registry:
+        raise ConfigError(f"{where}: unknown {what} type {kind!r}; known: {', '.join(sorted(registry))}")
+    cls = registry[kind]
+    accepted = _accepted_parameters(cls)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        reserved = "weight, type" if what == "reward term" else "type"
+        raise ConfigError(
+            f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))} for {what} {kind!r} "
+            f"({cls.__name__}); accepted: {reserved}, {', '.join(accepted)}"
+        )
+    try:
+        return cls(**params)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def normalize_reward_spec(spec: Union[Mapping[str, Any], str]) -> dict[str, dict[str, Any]]:
+    """The spec as ``{name: {"type": ..., "weight": ..., **params}}`` (types checked, params not yet).
+
+    Raises:
+        ConfigError: not a mapping or string, empty, an unknown term type or a malformed entry.
+    """
+    if isinstance(spec, str):
+        spec = _parse_string(spec)
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"a reward spec must be a mapping or a string, got {type(spec).__name__}")
+    if not spec:
+        raise ConfigError(f"the reward spec is empty; known terms: {', '.join(sorted(REWARD_TERMS))}")
+    normalized: dict[str, dict[str, Any]] = {}
+    for name, entry in spec.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"reward term names must be non-empty strings, got {name!r}")
+        if entry is None:
+            entry = {}
+        elif isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            entry = {"weight": entry}
+        elif not isinstance(entry, Mapping):
+            raise ConfigError(f"reward term {name!r}: expected a mapping of parameters or a weight, got {entry!r}")
+        entry = dict(entry)
+        kind = entry.pop("type", name)
+        if not isinstance(kind, str) or kind not in REWARD_TERMS:
+            raise ConfigError(
+                f"reward term {name!r}: unknown type {kind!r}; known: {', '.join(sorted(REWARD_TERMS))}"
+            )
+        normalized[name] = {"type": kind, "weight": entry.pop("weight", 1.0), **entry}
+    return normalized
+
+
+def _training_view(interactions: Union[TrainingInteractions, InteractionData]) -> TrainingInteractions:
+    if isinstance(interactions, TrainingInteractions):
+        return interactions
+    if isinstance(interactions, InteractionData):
+        return TrainingInteractions.from_data(interactions)  # drops valid / test
+    raise ConfigError(f"rewards bind to TrainingInteractions, got {type(interactions).__name__}")
+
+
+def build_reward(
+    spec: RewardSpec,
+    interactions: Union[TrainingInteractions, InteractionData],
+    device: torch.device | str = "cpu",
+    allow_negative: bool = False,
+) -> WeightedReward:
+    """A bound :class:`WeightedReward` from a spec (see the module docstring).
+
+    Args:
+        spec: a mapping, a string, or an already built :class:`RewardTerm` (wrapped with
+            weight 1 unless it is a :class:`WeightedReward`).
+        interactions: the training view the terms bind to; an ``InteractionData`` is reduced to
+            its :class:`TrainingInteractions` first, so validation and test never reach a term.
+        device: where the terms keep their precomputed tensors.
+        allow_negative: accept negative weights.
+
+    Returns:
+        The bound reward; ``reward.components(scores, episode)`` reports each term by name.
+
+    Raises:
+        ConfigError: an unknown term type or parameter (named in the message), a bad weight,
+            or a parameter out of range (e.g. ``k`` above ``n_items`` at bind, ``temperature <= 0``).
+    """
+    training = _training_view(interactions)
+    if isinstance(spec, WeightedReward):
+        return spec.bind(training, device)
+    if isinstance(spec, RewardTerm):
+        return WeightedReward({spec.name: (1.0, spec)}, allow_negative).bind(training, device)
+    entries = normalize_reward_spec(spec)
+    terms = {}
+    for name, entry in entries.items():
+        params = dict(entry)
+        kind, weight = params.pop("type"), params.pop("weight")
+        terms[name] = (weight, _instantiate(REWARD_TERMS, kind, params, f"reward term {name!r}", "reward term"))
+    reward = WeightedReward(terms, allow_negative)
+    for name, term in reward.terms.items():
+        try:
+            term.bind(training, device)
+        except ConfigError as error:
+            raise ConfigError(f"reward term {name!r}: {error}") from None
+    return reward
+
+
+def reward_spec(reward: WeightedReward) -> dict[str, dict[str, Any]]:
+    """The spec :func:`build_reward` turns back into an equal reward (for run records and configs).
+
+    Raises:
+        ConfigError: a term whose class is not in :data:`REWARD_TERMS`.
+    """
+    by_class = {cls: kind for kind, cls in REWARD_TERMS.items()}
+    spec = {}
+    for name, term in reward.terms.items():
+        kind = by_class.get(type(term))
+        if kind is None:
+            raise ConfigError(f"reward term {name!r} ({type(term).__name__}) is not a registered term")
+        params = {key: value for key, value in term.config().items() if key != "term"}
+        spec[name] = {"type": kind, "weight": reward.weights[name], **params}
+    return spec
+
+
+def build_shaping(
+    spec: Optional[Union[Mapping[str, Any], str]],
+    interactions: Union[TrainingInteractions, InteractionData],
+    device: torch.device | str = "cpu",
+) -> Optional[StepShaping]:
+    """A bound shaping object, or ``None`` (the default: no shaping).
+
+    Args:
+        spec: ``None`` / ``False`` (off), a registry name (``"held_out"``), or a mapping
+            ``{"type": "held_out", **params}`` (``type`` defaults to ``"held_out"``).
+        interactions: the training view (an ``InteractionData`` is reduced to it).
+        device: the device of the shaping's tensors.
+
+    Raises:
+        ConfigError: an unknown type or parameter.
+    """
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"a shaping spec must be None, a name or a mapping, got {type(spec).__name__}")
+    params = dict(spec)
+    kind = params.pop("type", "held_out")
+    shaping = _instantiate(SHAPINGS, kind, params, "shaping", "shaping")
+    return shaping.bind(_training_view(interactions), device)
+
+
+__all__ = [
+    "REWARD_TERMS",
+    "SHAPINGS",
+    "build_reward",
+    "build_shaping",
+    "normalize_reward_spec",
+    "reward_spec",
+]
