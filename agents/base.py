@@ -1,0 +1,147 @@
+"""The agent interface: one update = collect (if needed) -> named loss terms -> one optimiser step.
+
+A new algorithm is one subclass that writes :meth:`Agent.loss` (and, when it needs several
+passes over a batch like PPO, :meth:`Agent.update`). What every ReFiT-style objective shares is
+here, once: the exact log-likelihood term of the held-out items, the anchor to the pretrained
+model, the per-step log-probs of a rollout under the current policy, gradient clipping and the
+diagnostics (gradient norm, KL to the pretrained policy, probability mass on the held-out items).
+Losses are returned as a mapping of named terms plus diagnostics (TorchRL style); the trainer
+logs whatever comes back.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from agents.config import FinetuneConfig
+from agents.policy import DenoisingPolicy
+from agents.rollout import Rollout, collect_rollouts
+from refit_gym.envs.core import DenoisingMDP
+from refit_gym.rewards.functional import held_out_mass, masked_log_softmax, scored_items
+from refit_gym.rewards.likelihood import HeldOutLogLikelihood
+
+
+class Agent:
+    """Base class of the fine-tuning algorithms.
+
+    Args:
+        policy: the trainable policy (a copy of the pretrained denoiser).
+        core: the env core episodes are collected from (batch = users_per_batch * K).
+        reference: the frozen pretrained denoiser (anchor, KL diagnostics).
+        config: the fine-tuning config.
+    """
+
+    name = "base"
+    collects_rollouts = True
+    """Whether :meth:`update` collects stochastic rollouts (``supervised`` does not)."""
+
+    def __init__(
+        self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig
+    ) -> None:
+        self.policy, self.core, self.reference, self.config = policy, core, reference.eval(), config
+        self.group_size = config.rollouts_per_user if self.collects_rollouts else 1
+        self.likelihood = HeldOutLogLikelihood(temperature=config.likelihood_temperature, normalize=True)
+        self.anchor_weights = [p.detach().clone() for p in policy.denoiser.parameters()]
+        self.optimizer = torch.optim.Adam(
+            [p for p in policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        )
+
+    # ------------------------------------------------------------------ the loop body
+    def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
+        """One update on a batch of distinct ``users``; returns the loss terms and diagnostics."""
+        rollout = self.collect(users, rng, generator)
+        terms = self.loss(rollout)
+        grad_norm = self.step(terms["loss"])
+        return {**self.scalars(terms), "grad_norm": grad_norm, **self.diagnostics(rollout)}
+
+    def collect(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Rollout:
+        rows = np.repeat(np.asarray(users, dtype=np.int64), self.group_size)
+        return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
+                                stochastic=self.collects_rollouts)
+
+    def loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Named loss terms; ``"loss"`` is the total that is minimised."""
+        raise NotImplementedError
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, optimiser step; returns the gradient norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        self.optimizer.step()
+        return float(norm)
+
+    # ------------------------------------------------------------------ shared terms
+    def final_x0(self, rollout: Rollout) -> torch.Tensor:
+        """The policy's clean estimate at the last exposed step (differentiable): its item scores
+        are what the categorical last step samples from and what evaluation ranks."""
+        return self.policy.predict_x0(rollout.states[-1], rollout.remaining[-1], **rollout.context)
+
+    def likelihood_loss(self, rollout: Rollout) -> torch.Tensor:
+        """``-mean log p(held-out items)`` under ``softmax(x0 / tau)``, input items masked: the exact
+        log-likelihood of the observed held-out interactions (its gradient lifts every one of them)."""
+        scores = self.policy.item_scores(self.final_x0(rollout))
+        return -self.likelihood(scores, rollout.episode).mean()
+
+    def anchor_loss(self, rollout: Optional[Rollout] = None) -> torch.Tensor:
+        """``l2``: squared distance of the weights to the pretrained ones; ``kl``: KL between the
+        policy's and the pretrained policy's Gaussian steps (same std) on the rollout's states."""
+        if self.config.anchor == "l2":
+            return sum(((p - p0) ** 2).sum() for p, p0 in zip(self.policy.denoiser.parameters(), self.anchor_weights))
+        if self.config.anchor == "kl" and rollout is not None:
+            return self.kl_to_reference(rollout, differentiable=True)
+        return torch.zeros((), device=self.core.device)
+
+    def kl_to_reference(self, rollout: Rollout, differentiable: bool = False) -> torch.Tensor:
+        """Mean per-step ``KL(pi || pi_pretrained) = |loc - loc0|^2 / (2 sigma^2)`` (reduced like the log-probs)."""
+        flat_states = rollout.states.reshape(-1, rollout.states.shape[-1])
+        flat_t = rollout.remaining.reshape(-1, 1)
+        context = {k: v.repeat(rollout.n_steps, *([1] * (v.dim() - 1))) for k, v in rollout.context.items()}
+        with torch.set_grad_enabled(differentiable):
+            loc = self.policy.loc(flat_states, flat_t, **context)
+        with torch.no_grad():
+            loc0 = self._reference_loc(flat_states, flat_t, context)
+        per_dim = (loc - loc0) ** 2 / (2.0 * torch.exp(2.0 * self.policy.log_std.detach()))
+        per_step = per_dim.sum(-1) if self.policy.log_prob_reduction == "sum" else per_dim.mean(-1)
+        return per_step.mean()
+
+    def _reference_loc(self, states: torch.Tensor, remaining: torch.Tensor, context: dict) -> torch.Tensor:
+        from refit_gym.envs.policies import denoiser_action
+
+        return denoiser_action(self.reference, self.policy.diffusion, states, remaining, self.policy.action_mode, **context)
+
+    def trained_step_indices(self, rollout: Rollout) -> list[int]:
+        """The exposed steps policy-gradient terms are computed on (the last ``trained_steps``)."""
+        n = self.config.trained_steps or rollout.n_steps
+        return list(range(max(0, rollout.n_steps - n), rollout.n_steps))
+
+    def step_log_probs(self, rollout: Rollout, steps: list[int]) -> torch.Tensor:
+        """``(len(steps), N)`` log-probs of the rollout's actions under the current policy (with grad)."""
+        values = []
+        for s in steps:
+            loc = self.policy.loc(rollout.states[s], rollout.remaining[s], **rollout.context)
+            values.append(self.policy.log_prob(rollout.actions[s], loc))
+        return torch.stack(values)
+
+    # ------------------------------------------------------------------ diagnostics
+    @staticmethod
+    def scalars(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    @torch.no_grad()
+    def diagnostics(self, rollout: Rollout) -> dict[str, float]:
+        """Reward terms, probability mass on the held-out items, exploration std."""
+        out = {f"reward/{k}": float(v.mean()) for k, v in rollout.components.items()}
+        out["reward/total"] = float(rollout.rewards.sum(0).mean())
+        scores = self.policy.item_scores(rollout.final_state)
+        log_p = masked_log_softmax(scores, rollout.episode.visible, self.config.likelihood_temperature)
+        mass = held_out_mass(log_p, scored_items(rollout.episode.held_out, rollout.episode.visible))
+        out["held_out_mass"] = float(mass.mean())
+        out["log_std"] = float(self.policy.log_std)
+        return out

@@ -1,0 +1,124 @@
+"""Fine-tuning configuration: one documented dataclass, read from the ``finetune`` section of a config.
+
+Every agent reads the fields it uses and ignores the rest, so switching the algorithm is one key
+(``finetune.agent``) or one CLI flag (``--agent``). See ``docs/finetuning.md`` for why the
+defaults are what they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from refit_gym.errors import ConfigError
+
+
+@dataclass
+class FinetuneConfig:
+    agent: str = "refit"
+    """Algorithm: ``refit``, ``supervised``, ``reinforce``, ``ppo``, ``torchrl-ppo``, ``sb3-ppo``."""
+
+    # --- the denoising MDP the agent fine-tunes in ------------------------------------------
+    action_mode: str = "x_prev"
+    """``x_prev`` (action = next state, exact per-step Gaussian log-probs) or ``x0``."""
+    exposed_steps: int = 4
+    """The last k reverse steps are the policy's; the earlier ones run frozen (base model)."""
+    holdout: str = "recent"
+    """Training items hidden from the input and scored by the rewards: ``recent`` (each user's
+    most recent fraction; points at the future items valid/test hold), ``random`` or ``none``."""
+    holdout_fraction: float = 0.25
+    """Fraction of each user's training items hidden."""
+    reward: dict[str, Any] = field(default_factory=lambda: {"collaborative": {"weight": 1.0, "k": 20, "temperature": 0.1}})
+    """Reward terms optimised by policy gradient (see ``refit_gym.rewards.build_reward``)."""
+
+    # --- the ReFiT objective -------------------------------------------------------------------
+    likelihood_weight: float = 1.0
+    """Weight of the exact log-likelihood of the held-out items under softmax(x0 / temperature)
+    (``refit`` and ``supervised``); 0 turns it off."""
+    likelihood_temperature: float = 0.1
+    """Temperature tau of the categorical last step softmax(x0 / tau)."""
+    pg_weight: float = 1.0
+    """Weight of the policy-gradient term for the ``reward`` terms (``refit``); 0 turns it off."""
+    anchor: str = "l2"
+    """Anchor to the pretrained model: ``l2`` (weights), ``kl`` (policy means) or ``none``."""
+    anchor_weight: float = 1.0e-3
+    """Weight of the anchor term."""
+
+    # --- policy and exploration ----------------------------------------------------------------
+    log_std_init: float = -4.0
+    """Initial exploration log-std of the Gaussian steps (DiffRec ML-1M's own is about -7)."""
+    std_mode: str = "fixed"
+    """``fixed``, ``learned`` (a trainable log-std) or ``scheduled`` (linear to ``log_std_final``)."""
+    log_std_final: float = -5.0
+    """Final log-std of the ``scheduled`` mode."""
+    log_prob_reduction: str = "sum"
+    """Per-step log-prob reduction over item dims: ``sum`` (exact) or ``mean`` (DDPO's)."""
+    trained_steps: int = 0
+    """Policy-gradient terms use the last this-many exposed steps (0 = all exposed steps)."""
+
+    # --- optimisation --------------------------------------------------------------------------
+    lr: float = 1.0e-4
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """Adam(W) weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    users_per_batch: int = 128
+    """Users per update."""
+    rollouts_per_user: int = 4
+    """K rollouts per user (the group of the per-user baseline)."""
+    inner_epochs: int = 4
+    """``ppo``: passes over each batch of rollouts."""
+    clip_range: float = 0.2
+    """``ppo`` / ``torchrl-ppo``: clip range of the importance ratio."""
+    advantage_clip: float = 5.0
+    """Normalised advantages are clipped to +- this."""
+
+    # --- the run -------------------------------------------------------------------------------
+    max_updates: int = 2000
+    """Hard cap on updates."""
+    time_budget_s: Optional[float] = 900.0
+    """Wall-clock budget of the fine-tuning loop (evaluations included); None = no budget."""
+    eval_every: int = 25
+    """Validate (deterministic protocol, valid Recall@20) every this many updates."""
+    patience: int = 8
+    """Stop after this many evaluations without a new best validation score."""
+    select_metric: str = "recall@20"
+    """Validation metric that selects the checkpoint."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "action_mode": ("x_prev", "x0"),
+    "holdout": ("recent", "random", "none"),
+    "anchor": ("l2", "kl", "none"),
+    "std_mode": ("fixed", "learned", "scheduled"),
+    "log_prob_reduction": ("sum", "mean"),
+}
+
+
+def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -> FinetuneConfig:
+    """A validated :class:`FinetuneConfig` from a mapping (the config's ``finetune`` section)."""
+    merged = {**(values or {}), **overrides}
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in config section 'finetune'; known: {sorted(known)}")
+    config = FinetuneConfig(**merged)
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"finetune.{name} must be one of {choices}, got {getattr(config, name)!r}")
+    positive = ("lr", "likelihood_temperature", "users_per_batch", "rollouts_per_user", "inner_epochs",
+                "max_updates", "eval_every", "patience", "exposed_steps")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"finetune.{name} must be > 0, got {getattr(config, name)!r}")
+    for name in ("likelihood_weight", "pg_weight", "anchor_weight", "weight_decay", "max_grad_norm", "trained_steps"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")
+    if not 0 <= config.holdout_fraction < 1:
+        raise ConfigError(f"finetune.holdout_fraction must be in [0, 1), got {config.holdout_fraction}")
+    return config

@@ -1,0 +1,87 @@
+"""The policy being fine-tuned: a trainable copy of the pretrained denoiser with a Gaussian head.
+
+``loc`` is the denoiser's action in the env's action mode (its x0 estimate, or the posterior
+mean it implies, see :func:`refit_gym.envs.policies.denoiser_action`); the exploration std is a
+parameter of the policy, not a constant of the schedule (DiffRec's own posterior std on ML-1M is
+about 8e-4, far too small to explore with). The std is ``fixed``, ``learned`` or ``scheduled``.
+
+The denoiser runs in eval mode (no dropout) both in rollouts and in updates, so the log-prob of
+an action under the updated policy is computed by the same function that sampled it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from refit_gym.diffusion.gaussian import gaussian_log_prob
+from refit_gym.envs.policies import denoiser_action, diffusion_step
+from refit_gym.models.base import DiffusionRecommender
+
+STATE_KEYS = ("x_t", "t", "user")
+
+
+class DenoisingPolicy(nn.Module):
+    """Gaussian policy ``N(loc(s), exp(log_std)^2 I)`` over a trainable copy of ``base``'s denoiser.
+
+    Args:
+        base: the pretrained model (its denoiser is copied; the original is never touched).
+        action_mode: the env's action mode (``x_prev`` or ``x0``).
+        log_std_init: initial exploration log-std.
+        std_mode: ``fixed`` (a buffer), ``learned`` (a parameter) or ``scheduled`` (a buffer the
+            trainer moves with :meth:`set_log_std`).
+        log_prob_reduction: ``sum`` (exact) or ``mean`` (DDPO's) over item dimensions.
+    """
+
+    def __init__(
+        self,
+        base: DiffusionRecommender,
+        action_mode: str = "x_prev",
+        log_std_init: float = -4.0,
+        std_mode: str = "fixed",
+        log_prob_reduction: str = "sum",
+    ) -> None:
+        super().__init__()
+        self.denoiser = copy.deepcopy(base.denoiser).requires_grad_(True).eval()
+        self.diffusion = base.diffusion
+        self.item_scores = base.item_scores
+        self.action_mode, self.std_mode, self.log_prob_reduction = action_mode, std_mode, log_prob_reduction
+        log_std = torch.tensor(float(log_std_init))
+        if std_mode == "learned":
+            self.log_std = nn.Parameter(log_std)
+        else:
+            self.register_buffer("log_std", log_std)
+
+    def train(self, mode: bool = True) -> "DenoisingPolicy":
+        """The denoiser stays in eval mode (dropout off) whatever the module's mode."""
+        super().train(mode)
+        self.denoiser.eval()
+        return self
+
+    @staticmethod
+    def context(observation: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base model's conditioning tensors of an observation (everything but x_t, t, user)."""
+        return {k: v for k, v in observation.items() if k not in STATE_KEYS}
+
+    def loc(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+        """The mean action at states ``(x_t, t)`` (``t`` = remaining steps)."""
+        return denoiser_action(self.denoiser, self.diffusion, x_t, t, self.action_mode, **context)
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+        """The denoiser's clean-vector estimate at ``(x_t, t)`` (differentiable)."""
+        step = diffusion_step(t).to(x_t.device)
+        return self.diffusion.predict_x0(self.denoiser(x_t, step, **context), x_t, step)
+
+    def sample(self, loc: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        noise = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        return loc + torch.exp(self.log_std) * noise
+
+    def log_prob(self, action: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(action, loc, self.log_std, self.log_prob_reduction)
+
+    def set_log_std(self, value: float) -> None:
+        with torch.no_grad():
+            self.log_std.fill_(float(value))

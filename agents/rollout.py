@@ -1,0 +1,107 @@
+"""Rollouts: a batch of denoising episodes collected from the env core with a policy.
+
+Rollout storage is allocated as explicit tensors (CleanRL style): ``states[s]`` and
+``actions[s]`` of every exposed step ``s``, the sampling log-probs, the per-step rewards, the
+terminal reward components and what the episode hid from the input. Rows are grouped by user:
+with ``K`` rollouts per user, rows ``g*K .. g*K+K-1`` belong to the same user, which is what the
+per-user (group) baselines use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agents.policy import DenoisingPolicy
+from refit_gym.envs.core import DenoisingMDP
+from refit_gym.rewards.base import EpisodeBatch
+
+
+@dataclass
+class Rollout:
+    """``S`` exposed steps of ``N = users * K`` episodes (tensors on the env's device)."""
+
+    states: torch.Tensor  # (S, N, n_items): x_t before each step
+    remaining: torch.Tensor  # (S, N, 1) int64: remaining steps t before each step
+    actions: torch.Tensor  # (S, N, n_items): the sampled actions (unclipped)
+    log_probs: torch.Tensor  # (S, N): log-prob of each action when it was sampled
+    rewards: torch.Tensor  # (S, N): reward received after each step (terminal reward on the last)
+    components: dict[str, torch.Tensor]  # term -> (N,) unweighted terminal reward terms
+    final_state: torch.Tensor  # (N, n_items)
+    episode: EpisodeBatch
+    context: dict[str, torch.Tensor]
+    group_size: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.states.shape[1])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.states.shape[0])
+
+    def returns_to_go(self) -> torch.Tensor:
+        """``(S, N)``: the undiscounted return from each step on (gamma = 1)."""
+        return self.rewards.flip(0).cumsum(0).flip(0)
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, clip: float = 5.0, eps: float = 1e-8) -> torch.Tensor:
+    """Per-user normalised advantages ``(R - mean_group) / (std_group + eps)``, clipped to +-clip.
+
+    ``returns`` is ``(..., N)`` with rows grouped by user in blocks of ``group_size``; groups of
+    one fall back to normalising over the whole batch (DDPO's fallback).
+    """
+    if group_size > 1:
+        grouped = returns.reshape(*returns.shape[:-1], -1, group_size)
+        mean, std = grouped.mean(-1, keepdim=True), grouped.std(-1, keepdim=True)
+        advantages = ((grouped - mean) / (std + eps)).reshape(returns.shape)
+    else:
+        advantages = (returns - returns.mean(-1, keepdim=True)) / (returns.std(-1, keepdim=True) + eps)
+    return advantages.clamp(-clip, clip)
+
+
+@torch.no_grad()
+def collect_rollouts(
+    core: DenoisingMDP,
+    policy: DenoisingPolicy,
+    users: np.ndarray,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    group_size: int,
+    stochastic: bool = True,
+) -> Rollout:
+    """Run one episode per row of ``users`` (length = the core's batch size) with ``policy``.
+
+    Args:
+        core: the env core (its batch size must equal ``len(users)``).
+        policy: samples ``loc + std * z`` (or takes ``loc`` when ``stochastic`` is False).
+        users: user id of each row, grouped by user (``np.repeat(ids, group_size)``).
+        rng: the trainer's numpy generator (the core draws the episode seed from it).
+        generator: torch generator of the exploration noise.
+    """
+    observation = core.reset(rng, users=users)
+    steps, n, n_items = core.exposed_steps, len(users), core.n_items
+    device = core.device
+    states = torch.empty(steps, n, n_items, device=device)
+    actions = torch.empty(steps, n, n_items, device=device)
+    remaining = torch.empty(steps, n, 1, dtype=torch.int64, device=device)
+    log_probs = torch.zeros(steps, n, device=device)
+    rewards = torch.zeros(steps, n, device=device)
+    context = policy.context(observation)
+    result = None
+    for s in range(steps):
+        states[s], remaining[s] = observation["x_t"], observation["t"]
+        loc = policy.loc(observation["x_t"], observation["t"], **context)
+        action = policy.sample(loc, generator) if stochastic else loc
+        actions[s] = action
+        log_probs[s] = policy.log_prob(action, loc)
+        result = core.step(action)
+        rewards[s] = result.reward
+        observation = result.observation
+    return Rollout(
+        states=states, remaining=remaining, actions=actions, log_probs=log_probs, rewards=rewards,
+        components={k: v.clone() for k, v in result.components.items()}, final_state=observation["x_t"],
+        episode=core.episode(), context=context, group_size=group_size,
+    )

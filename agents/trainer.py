@@ -1,0 +1,226 @@
+"""The fine-tuning trainer every agent uses: batches of users, updates, validation, checkpoints, resume.
+
+Loop: draw ``users_per_batch`` distinct users (epochs over a seeded permutation), ``agent.update``
+(collect + loss + step), and every ``eval_every`` updates evaluate the fine-tuned denoiser on the
+standard deterministic protocol (the full training row in, all T steps, train items masked) —
+validation selects, test is logged for the record only. The best-validation model is written as
+a standard checkpoint into the output folder (so ``refit-gym evaluate --checkpoint`` works on it
+unchanged); the trainer's own state (policy, optimiser, RNG states, counters) goes to
+``output/trainer_state/`` at every evaluation, so ``resume=True`` continues an interrupted run
+to the same result as an uninterrupted one (same seed, CPU).
+
+Outputs: ``log.csv`` (one row per update; validation columns on evaluation rows), ``curves.png``
+(reward, held-out mass, validation Recall@20), ``results.json`` (seed, versions, configs, the
+pretrained and best metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from agents import agent_class, build_agent
+from agents.config import FinetuneConfig, finetune_config
+from agents.policy import DenoisingPolicy
+from refit_gym.checkpoint import load_checkpoint, package_versions, save_checkpoint, write_json_atomic
+from refit_gym.config import ExperimentConfig, resolve_device
+from refit_gym.data.interactions import InteractionData
+from refit_gym.envs.core import DenoisingMDP
+from refit_gym.evaluation.evaluator import evaluate
+from refit_gym.models.base import DiffusionRecommender
+from refit_gym.rewards import build_reward
+from refit_gym.rewards.base import TrainingInteractions
+from refit_gym.training.run_log import CsvLogger, plot_curves
+
+STATE_DIR = "trainer_state"
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced."""
+
+    model: DiffusionRecommender
+    pretrained_metrics: dict[str, dict[str, float]]
+    best_metrics: dict[str, dict[str, float]]
+    best_update: int
+    updates: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class UserSampler:
+    """Batches of distinct users: consecutive slices of seeded permutations (epochs over users)."""
+
+    def __init__(self, n_users: int, batch: int) -> None:
+        self.n_users, self.batch = n_users, min(batch, n_users)
+        self.order = np.zeros(0, dtype=np.int64)
+
+    def next(self, rng: np.random.Generator) -> np.ndarray:
+        if len(self.order) < self.batch:
+            self.order = np.concatenate([self.order, rng.permutation(self.n_users)])
+        users, self.order = self.order[: self.batch], self.order[self.batch :]
+        return users
+
+
+def finetune(
+    config: ExperimentConfig,
+    data: InteractionData,
+    pretrained: str | Path,
+    output_dir: str | Path,
+    agent: Optional[str] = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tune the checkpoint ``pretrained`` with ``config.finetune`` (``agent`` / ``overrides`` win).
+
+    Args:
+        config: the experiment; its ``finetune`` section is a :class:`FinetuneConfig` mapping.
+        data: the interactions the checkpoint was trained on.
+        pretrained: a checkpoint directory (``refit-gym pretrain``'s output).
+        output_dir: where the best fine-tuned checkpoint, logs and trainer state go.
+        agent: overrides ``finetune.agent``.
+        resume: continue from ``output_dir/trainer_state`` if it exists.
+    """
+    settings = finetune_config(config.finetune, **({"agent": agent} if agent else {}), **overrides)
+    config.finetune = settings.to_dict()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+
+    base, _ = load_checkpoint(pretrained, data, device=device)
+    group_size = settings.rollouts_per_user if agent_class(settings.agent).collects_rollouts else 1
+    reward = build_reward(settings.reward, TrainingInteractions.from_data(data), device)
+    core = DenoisingMDP(
+        base, reward, TrainingInteractions.from_data(data),
+        batch_size=min(settings.users_per_batch, data.n_users) * group_size,
+        action_mode=settings.action_mode, exposed_steps=min(settings.exposed_steps, base.diffusion.steps),
+        holdout=settings.holdout, holdout_fraction=settings.holdout_fraction, device=device,
+    )
+    policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
+                             settings.log_prob_reduction).to(device)
+    learner = build_agent(settings.agent, policy, core, base.denoiser, settings)
+    finetuned = DiffusionRecommender(policy.denoiser, base.diffusion, base.history, base.noise_steps, base.config)
+    finetuned.model_name = base.model_name
+    sampler = UserSampler(data.n_users, settings.users_per_batch)
+
+    def validate() -> dict[str, dict[str, float]]:
+        return evaluate(finetuned, data, splits=("valid", "test"), ks=config.evaluation.ks,
+                        batch_size=config.evaluation.batch_size, device=device).metrics
+
+    state = {"update": 0, "best": -math.inf, "best_update": 0, "stale": 0, "elapsed": 0.0}
+    logger = CsvLogger(output / "log.csv", resume=resume)
+    state_dir = output / STATE_DIR
+    if resume and (state_dir / "state.json").is_file():
+        state, pretrained_metrics = _load_state(state_dir, learner, rng, generator, sampler)
+        logger.rows = [r for r in logger.rows if int(r["update"]) <= state["update"]]  # drop rows after the state
+        log(f"resumed at update {state['update']} (best {state['best']:.4f} at update {state['best_update']})")
+    else:
+        pretrained_metrics = validate()
+        state["best"] = pretrained_metrics["valid"][settings.select_metric]
+        save_checkpoint(output, finetuned, config, data, metrics=_record(pretrained_metrics, 0, config),
+                        extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
+        logger.log({"update": 0, **_flat(pretrained_metrics), "seconds": 0.0})
+        _save_state(state_dir, learner, rng, generator, sampler, state, pretrained_metrics)
+    log(f"pretrained: valid {settings.select_metric} {pretrained_metrics['valid'][settings.select_metric]:.4f}, "
+        f"test recall@20 {pretrained_metrics['test']['recall@20']:.4f} ndcg@20 {pretrained_metrics['test']['ndcg@20']:.4f}")
+
+    start = time.perf_counter() - state["elapsed"]
+    bar = tqdm(total=settings.max_updates, initial=state["update"], desc=f"finetune[{settings.agent}]",
+               disable=not progress, dynamic_ncols=True)
+    stop_reason = "max_updates"
+    while state["update"] < settings.max_updates:
+        if settings.std_mode == "scheduled":
+            fraction = state["update"] / max(1, settings.max_updates - 1)
+            policy.set_log_std(settings.log_std_init + fraction * (settings.log_std_final - settings.log_std_init))
+        users = sampler.next(rng)
+        row = {"update": state["update"] + 1, **learner.update(users, rng, generator)}
+        state["update"] += 1
+        elapsed = time.perf_counter() - start
+        out_of_time = settings.time_budget_s is not None and elapsed > settings.time_budget_s
+        if state["update"] % settings.eval_every == 0 or out_of_time or state["update"] == settings.max_updates:
+            metrics = validate()
+            row.update(_flat(metrics))
+            score = metrics["valid"][settings.select_metric]
+            if score > state["best"]:
+                state.update(best=score, best_update=state["update"], stale=0)
+                save_checkpoint(output, finetuned, config, data, metrics=_record(metrics, state["update"], config),
+                                extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
+            else:
+                state["stale"] += 1
+            bar.set_postfix(valid=f"{score:.4f}", best=f"{state['best']:.4f}@{state['best_update']}")
+            state["elapsed"] = time.perf_counter() - start
+            _save_state(state_dir, learner, rng, generator, sampler, state, pretrained_metrics)
+            if state["stale"] >= settings.patience:
+                stop_reason = "patience"
+        row["seconds"] = time.perf_counter() - start
+        logger.log(row)
+        bar.update(1)
+        if out_of_time:
+            stop_reason = "time budget"
+        if stop_reason != "max_updates":
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+    best_model, _ = load_checkpoint(output, data, device=device)
+    best_metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    log(f"fine-tuning stopped ({stop_reason}) after {state['update']} updates, {seconds:.0f} s; best valid "
+        f"{settings.select_metric} {state['best']:.4f} at update {state['best_update']}")
+    plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", f"valid_{settings.select_metric}", "test_recall@20"],
+                output / "curves.png", title=f"fine-tuning ({settings.agent})")
+    write_json_atomic(output / "results.json", {
+        "agent": settings.agent, "seed": config.seed, "versions": package_versions(), "config": config.to_dict(),
+        "env": core.config(), "pretrained_from": str(pretrained), "pretrained_metrics": pretrained_metrics,
+        "best_metrics": best_metrics, "best_update": state["best_update"], "updates": state["update"],
+        "seconds": seconds, "stop_reason": stop_reason,
+    })
+    return FinetuneResult(best_model, pretrained_metrics, best_metrics, state["best_update"], state["update"],
+                          seconds, logger.rows)
+
+
+def _flat(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{split}_{k}": v for split, values in metrics.items() for k, v in values.items() if k.endswith(("@10", "@20"))}
+
+
+def _record(metrics: dict, update: int, config: ExperimentConfig) -> dict[str, Any]:
+    return {"stage": "finetune", "best_update": update, "seed": config.seed, "metrics": metrics,
+            "versions": package_versions()}
+
+
+def _save_state(directory: Path, learner, rng, generator, sampler: UserSampler, state: dict, pretrained_metrics) -> None:
+    """Everything needed to continue exactly: weights, optimiser, RNG states, counters (no pickle of code)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in learner.policy.state_dict().items()}
+    tensors["torch_generator"] = generator.get_state()
+    tensors["sampler_order"] = torch.from_numpy(sampler.order.copy())
+    save_file(tensors, str(directory / "weights.safetensors.tmp"))
+    (directory / "weights.safetensors.tmp").replace(directory / "weights.safetensors")
+    torch.save(learner.optimizer.state_dict(), directory / "optimizer.pt.tmp")
+    (directory / "optimizer.pt.tmp").replace(directory / "optimizer.pt")
+    write_json_atomic(directory / "state.json", {**state, "numpy_rng": rng.bit_generator.state,
+                                                 "pretrained_metrics": pretrained_metrics})
+
+
+def _load_state(directory: Path, learner, rng, generator, sampler: UserSampler):
+    tensors = load_file(str(directory / "weights.safetensors"))
+    learner.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+    generator.set_state(tensors["torch_generator"])
+    sampler.order = tensors["sampler_order"].numpy().copy()
+    learner.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    saved = json.loads((directory / "state.json").read_text())
+    rng.bit_generator.state = saved.pop("numpy_rng")
+    pretrained_metrics = saved.pop("pretrained_metrics")
+    return saved, pretrained_metrics
