@@ -61,7 +61,7 @@ class Agent:
     def collect(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Rollout:
         rows = np.repeat(np.asarray(users, dtype=np.int64), self.group_size)
         return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
-                                stochastic=self.collects_rollouts)
+                                stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps)
 
     def loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Named loss terms; ``"loss"`` is the total that is minimised."""

@@ -22,8 +22,9 @@ class FinetuneConfig:
     # --- the denoising MDP the agent fine-tunes in ------------------------------------------
     action_mode: str = "x_prev"
     """``x_prev`` (action = next state, exact per-step Gaussian log-probs) or ``x0``."""
-    exposed_steps: int = 4
-    """The last k reverse steps are the policy's; the earlier ones run frozen (base model)."""
+    exposed_steps: int = 0
+    """The last k reverse steps are the policy's, the earlier ones run by the frozen base model;
+    0 = all T steps (the default: the policy then sees its own states, as in evaluation)."""
     holdout: str = "recent"
     """Training items hidden from the input and scored by the rewards: ``recent`` (each user's
     most recent fraction; points at the future items valid/test hold), ``random`` or ``none``."""
@@ -54,8 +55,9 @@ class FinetuneConfig:
     """Final log-std of the ``scheduled`` mode."""
     log_prob_reduction: str = "sum"
     """Per-step log-prob reduction over item dims: ``sum`` (exact) or ``mean`` (DDPO's)."""
-    trained_steps: int = 0
-    """Policy-gradient terms use the last this-many exposed steps (0 = all exposed steps)."""
+    trained_steps: int = 4
+    """Exploration and policy-gradient terms on the last this-many exposed steps (0 = all); the
+    earlier exposed steps follow the policy's deterministic mean (DiffRec's evaluation path)."""
 
     # --- optimisation --------------------------------------------------------------------------
     lr: float = 1.0e-4
@@ -112,11 +114,12 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
         if getattr(config, name) not in choices:
             raise ConfigError(f"finetune.{name} must be one of {choices}, got {getattr(config, name)!r}")
     positive = ("lr", "likelihood_temperature", "users_per_batch", "rollouts_per_user", "inner_epochs",
-                "max_updates", "eval_every", "patience", "exposed_steps")
+                "max_updates", "eval_every", "patience")
     for name in positive:
         if not getattr(config, name) > 0:
             raise ConfigError(f"finetune.{name} must be > 0, got {getattr(config, name)!r}")
-    for name in ("likelihood_weight", "pg_weight", "anchor_weight", "weight_decay", "max_grad_norm", "trained_steps"):
+    for name in ("likelihood_weight", "pg_weight", "anchor_weight", "weight_decay", "max_grad_norm", "trained_steps",
+                 "exposed_steps"):
         if getattr(config, name) < 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")
     if not 0 <= config.holdout_fraction < 1:

@@ -71,12 +71,15 @@ def collect_rollouts(
     generator: torch.Generator,
     group_size: int,
     stochastic: bool = True,
+    explored_steps: int = 0,
 ) -> Rollout:
     """Run one episode per row of ``users`` (length = the core's batch size) with ``policy``.
 
     Args:
         core: the env core (its batch size must equal ``len(users)``).
         policy: samples ``loc + std * z`` (or takes ``loc`` when ``stochastic`` is False).
+        explored_steps: only the last this-many steps sample (0 = every step); the earlier ones
+            take ``loc`` (their log-probs are still recorded).
         users: user id of each row, grouped by user (``np.repeat(ids, group_size)``).
         rng: the trainer's numpy generator (the core draws the episode seed from it).
         generator: torch generator of the exploration noise.
@@ -90,11 +93,12 @@ def collect_rollouts(
     log_probs = torch.zeros(steps, n, device=device)
     rewards = torch.zeros(steps, n, device=device)
     context = policy.context(observation)
+    first_explored = 0 if explored_steps <= 0 else max(0, steps - explored_steps)
     result = None
     for s in range(steps):
         states[s], remaining[s] = observation["x_t"], observation["t"]
         loc = policy.loc(observation["x_t"], observation["t"], **context)
-        action = policy.sample(loc, generator) if stochastic else loc
+        action = policy.sample(loc, generator) if stochastic and s >= first_explored else loc
         actions[s] = action
         log_probs[s] = policy.log_prob(action, loc)
         result = core.step(action)

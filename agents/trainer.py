@@ -107,7 +107,7 @@ def finetune(
     core = DenoisingMDP(
         base, reward, TrainingInteractions.from_data(data),
         batch_size=min(settings.users_per_batch, data.n_users) * group_size,
-        action_mode=settings.action_mode, exposed_steps=min(settings.exposed_steps, base.diffusion.steps),
+        action_mode=settings.action_mode, exposed_steps=min(settings.exposed_steps or base.diffusion.steps, base.diffusion.steps),
         holdout=settings.holdout, holdout_fraction=settings.holdout_fraction, device=device,
     )
     policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,

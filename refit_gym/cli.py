@@ -110,6 +110,21 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from agents.trainer import finetune
+    from refit_gym.training.pretrain import pretrained_checkpoint
+
+    config = _experiment(args)
+    data = _load_data(config.data.dataset, config.data.data_dir)
+    pretrained = args.pretrained or pretrained_checkpoint(config, data, progress=not args.no_progress, log=_log)
+    result = finetune(config, data, pretrained, args.output, agent=args.agent, resume=args.resume,
+                      progress=not args.no_progress, log=_log)
+    _log(f"best fine-tuned checkpoint (update {result.best_update}) in {args.output}")
+    _print_metrics({"best_update": result.best_update,
+                    **{f"{s}/{k}": v for s, m in result.best_metrics.items() for k, v in m.items()}})
+    return 0
+
+
 def cmd_run(args) -> int:
     from refit_gym.training.pipeline import run_main_job
 
@@ -173,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--seed", type=int)
     p.set_defaults(handler=cmd_baseline)
+
+    p = commands.add_parser("finetune", help="fine-tune a pretrained model with an RL agent (ReFiT)")
+    common(p)
+    p.add_argument("--pretrained", help="pretrained checkpoint directory (default: pretrain the config's model, cached)")
+    p.add_argument("--output", required=True, help="checkpoint directory to write (evaluate reads it)")
+    p.add_argument("--agent", help="refit (default), supervised, reinforce, ppo, torchrl-ppo, sb3-ppo")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    p.set_defaults(handler=cmd_finetune)
 
     p = commands.add_parser("run", help="the main job: pretrain -> fine-tune -> evaluate, next to baselines")
     common(p)

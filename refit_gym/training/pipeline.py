@@ -64,7 +64,12 @@ def run_main_job(
     ease = tune_ease(data)
     rows[f"EASE (l2={ease.best_l2:g}, tuned on valid)"] = evaluate_both(ease.model)
     rows[f"{config.model.name} pretrained"] = evaluate_both(model)
-    # The fine-tuning stage (agents/) is added here once configured in ``config.finetune``.
+
+    from agents.trainer import finetune
+
+    finetuned_dir = output / "finetuned"
+    result = finetune(config, data, pretrained, finetuned_dir, progress=progress, log=log)
+    rows[f"{config.model.name} + {config.finetune['agent']} fine-tuned"] = result.best_metrics
 
     table = results_table(rows)
     log("\n" + table)
@@ -75,6 +80,7 @@ def run_main_job(
         "versions": package_versions(),
         "seconds": time.perf_counter() - start,
         "pretrained_checkpoint": str(pretrained),
+        "finetuned_checkpoint": str(finetuned_dir),
         "models": rows,
     }
     write_json_atomic(output / "results.json", results)

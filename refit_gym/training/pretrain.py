@@ -157,3 +157,72 @@ def pretrain(
 def _record(metrics: dict, best_epoch: int, config: ExperimentConfig) -> dict[str, Any]:
     return {"stage": "pretrain", "best_epoch": best_epoch, "seed": config.seed, "metrics": metrics,
             "versions": package_versions()}
+
+
+def pretrained_checkpoint(
+    config: ExperimentConfig,
+    data: InteractionData,
+    cache_dir: Optional[str | Path] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The checkpoint of ``config``'s base model pretrained on ``data``, from the cache or trained now.
+
+    The cache key hashes everything the weights depend on (seed, model, diffusion and pretrain
+    sections, the training matrix); the folder is ``<cache_dir>/<name>-<hash>`` with
+    ``cache_dir`` defaulting to ``~/.cache/refit_gym/checkpoints`` (``$XDG_CACHE_HOME`` honoured).
+    A checkpoint is trained in a staging folder and renamed into place, so an interrupted run
+    never leaves a half-written cache entry.
+    """
+    import hashlib
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from refit_gym.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    described = {key: config.to_dict()[key] for key in ("seed", "model", "diffusion", "pretrain")}
+    described["train"] = train_fingerprint(data)
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else default_checkpoint_cache()
+    directory = root / f"{data.name}-{config.model.name}-{digest}"
+    if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
+        log(f"using the cached pretrained model {directory}")
+        return directory
+    log(f"pretraining {config.model.name} on {data.name} (cached in {directory} for next time)")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=root))
+    try:
+        pretrain(config, data, output_dir=staging, progress=progress, log=log)
+        try:
+            os.replace(staging, directory)
+        except OSError:  # another process cached it first: keep that one
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def default_checkpoint_cache() -> Path:
+    """``$XDG_CACHE_HOME/refit_gym/checkpoints`` (``XDG_CACHE_HOME`` if absolute, else ``~/.cache``)."""
+    import os
+
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return root / "refit_gym" / "checkpoints"
+
+
+def train_fingerprint(data: InteractionData) -> str:
+    """A short hash of the training matrix (shape and nonzeros)."""
+    import hashlib
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    train = sp.csr_matrix(data.train)
+    digest = hashlib.sha256()
+    digest.update(np.asarray(train.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(train.indptr, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(train.indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]

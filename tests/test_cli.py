@@ -1,0 +1,92 @@
+"""The command line contract: exact forms other issues and outside checks rely on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from refit_gym.cli import main
+from refit_gym.data import load_dataset
+
+DATASET = "synthetic:n_users=200,n_items=80,seed=0"
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 0, "device": "cpu",
+        "data": {"dataset": DATASET},
+        "model": {"dims": [16, 32]},
+        "diffusion": {"steps": 4},
+        "pretrain": {"batch_size": 50, "max_epochs": 10, "eval_every": 5, "min_epochs": 5},
+        "evaluation": {"ks": [10, 20]},
+        "finetune": {"users_per_batch": 16, "rollouts_per_user": 2, "max_updates": 4, "eval_every": 2,
+                     "time_budget_s": None},
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(config_file, tmp_path_factory):
+    output = tmp_path_factory.mktemp("pretrained")
+    assert main(["pretrain", "--config", str(config_file), "--output", str(output), "--no-progress"]) == 0
+    return output
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_prints_metrics_json_and_exports_topk(pretrained, tmp_path, capsys):
+    capsys.readouterr()
+    top = tmp_path / "top.npy"
+    code = main(["evaluate", "--checkpoint", str(pretrained), "--split", "test", "--export-topk", str(top),
+                 "--k", "15", "--no-progress"])
+    assert code == 0
+    metrics = _json(capsys)
+    assert {"recall@20", "ndcg@20", "recall@10"} <= set(metrics)
+    ranked = np.load(top, allow_pickle=False)
+    data = load_dataset(DATASET)
+    assert ranked.dtype == np.int64 and ranked.shape == (data.n_users, 15)
+    seen = data.seen_before("test")
+    for user in range(0, data.n_users, 17):  # masked items never appear
+        assert not set(ranked[user]) & set(seen.indices[seen.indptr[user]:seen.indptr[user + 1]])
+
+
+def test_baselines_from_the_cli(config_file, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["baseline", "popularity", "--config", str(config_file), "--split", "test"]) == 0
+    popularity = _json(capsys)
+    assert main(["baseline", "ease", "--config", str(config_file), "--split", "valid", "--no-progress",
+                 "--export-topk", str(tmp_path / "ease.npy"), "--k", "10"]) == 0
+    ease = _json(capsys)
+    assert ease["ease_l2"] > 0 and 0 <= popularity["recall@20"] <= 1
+    assert np.load(tmp_path / "ease.npy").shape[1] == 10
+
+
+def test_finetune_writes_a_checkpoint_that_evaluate_reads(config_file, pretrained, tmp_path, capsys):
+    output = tmp_path / "ft"
+    assert main(["finetune", "--config", str(config_file), "--pretrained", str(pretrained), "--output", str(output),
+                 "--agent", "supervised", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(output), "--split", "valid", "--no-progress"]) == 0
+    assert "recall@20" in _json(capsys)
+
+
+def test_errors_are_reported_with_exit_code_2(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--split", "test"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: {lr: 1e-3, typo_key: 3}\n")
+    assert main(["pretrain", "--config", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert "typo_key" in capsys.readouterr().err
+
+
+def test_envs_lists_the_registered_ids(capsys):
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert "ReFiT-ML1M-v0" in out and "ReFiT-Synthetic-v0" in out
