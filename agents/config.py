@@ -53,8 +53,11 @@ class FinetuneConfig:
     """``fixed``, ``learned`` (a trainable log-std) or ``scheduled`` (linear to ``log_std_final``)."""
     log_std_final: float = -5.0
     """Final log-std of the ``scheduled`` mode."""
-    log_prob_reduction: str = "sum"
-    """Per-step log-prob reduction over item dims: ``sum`` (exact) or ``mean`` (DDPO's)."""
+    log_prob_reduction: str = "mean"
+    """Per-step log-prob reduction over item dims: ``sum`` (the exact log-likelihood of the step)
+    or ``mean`` (DDPO's). Default ``mean``: with ``sum`` over 2,810 ML-1M items the policy-gradient
+    term's gradient is ~300x the likelihood term's and, after clipping, drowns it (measured: the
+    held-out log-likelihood did not move in 45 updates)."""
     trained_steps: int = 4
     """Exploration and policy-gradient terms on the last this-many exposed steps (0 = all); the
     earlier exposed steps follow the policy's deterministic mean (DiffRec's evaluation path)."""

@@ -59,6 +59,7 @@ def pretrain(
     output_dir: Optional[str | Path] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    init_from: Optional[str | Path] = None,
 ) -> PretrainResult:
     """Train ``config.model`` on ``data``'s training interactions; keep the best-validation weights.
 
@@ -69,11 +70,17 @@ def pretrain(
             (nothing is written when None).
         progress: show a progress bar over epochs.
         log: where one-line messages go.
+        init_from: start from this checkpoint's weights instead of a fresh init (continued
+            training: fine-tuning's control (a)).
     """
     settings = config.pretrain
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     model = build_model(config.model, config.diffusion, data, device=device)
+    if init_from is not None:
+        from refit_gym.checkpoint import load_checkpoint
+
+        model.denoiser.load_state_dict(load_checkpoint(init_from, data, device=device)[0].denoiser.state_dict())
     sampler = TimestepSampler(config.diffusion.steps, method=config.diffusion.timestep_sampling)
     optimizer = torch.optim.AdamW(model.denoiser.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     output = Path(output_dir) if output_dir is not None else None
@@ -83,6 +90,13 @@ def pretrain(
         logger = CsvLogger(output / "log.csv")
 
     best_valid, best_epoch, best_metrics = -math.inf, 0, {}
+    if init_from is not None:  # the starting point competes too: continued training never selects worse
+        model.eval()
+        best_metrics = evaluate(model, data, splits=("valid", "test"), ks=config.evaluation.ks,
+                                batch_size=config.evaluation.batch_size, device=device).metrics
+        best_valid = best_metrics["valid"][settings.select_metric]
+        if output is not None:
+            save_checkpoint(output, model, config, data, metrics=_record(best_metrics, 0, config))
     best_state = copy.deepcopy(model.denoiser.state_dict())
     stale, decays, history = 0, 0, []
     start = time.perf_counter()

@@ -1,0 +1,172 @@
+"""Fine-tuning results table on ML-1M: the default ReFiT agent, the supervised reference, the
+controls of the fine-tuning issue and the pure policy-gradient agents, over seeds, next to the
+pretrained model and a tuned EASE; with paired tests over users.
+
+Runs (all from the same converged pretrained checkpoint, same wall-clock budget each):
+
+=============  =========================================================================
+refit          the default config (likelihood + collaborative PG term + L2 anchor)
+supervised     (d) the likelihood term alone, by gradient, no rollouts
+continued      (a) continued DiffRec training with its own loss (lr ``--continued-lr``)
+ranking        (b) the naive ranking reward (NDCG@20 of the held-out items) instead of the
+               collaborative one in the PG term
+no_collab      (c) the collaborative PG term switched off (pg_weight 0)
+random_holdout (e) random instead of chronological hold-out
+reinforce      pure policy gradient (reward: held-out log-likelihood), no likelihood term
+ppo            pure policy gradient with clipped ratios (DDPO-IS), same reward
+=============  =========================================================================
+
+Every run writes its own folder under ``--output`` (skipped when its ``results.json`` exists, so
+the script resumes); ``table.md`` and ``table.json`` collect everything. Usage::
+
+    REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --pretrained runs/ml1m_pretrained \\
+        --output runs/table --seeds 0 1 2 --budget 900 [--runs refit,supervised,continued]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from agents.trainer import finetune
+from refit_gym.baselines import tune_ease
+from refit_gym.checkpoint import load_checkpoint
+from refit_gym.config import load_config
+from refit_gym.data import load_dataset
+from refit_gym.evaluation.evaluator import evaluate
+from refit_gym.evaluation.metrics import ranking_metrics
+from refit_gym.training.pretrain import pretrain
+
+PG_REWARD = {"loglik": {"weight": 1.0, "temperature": 0.1}}
+RUNS: dict[str, dict[str, Any]] = {
+    "refit": {},
+    "supervised": {"agent": "supervised"},
+    "continued": {"continued": True},
+    "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
+    "no_collab": {"pg_weight": 0.0},
+    "random_holdout": {"holdout": "random"},
+    "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
+    "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
+}
+SHOWN = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+
+
+def per_user_test_metrics(model, data) -> dict[str, np.ndarray]:
+    """Per-user test Recall@20 / NDCG@20 (for paired tests)."""
+    result = evaluate(model, data, splits=("test",), ks=(20,), export_topk=20)
+    top = torch.from_numpy(result.top_items["test"])
+    values = ranking_metrics(top, data.test, ks=(20,))
+    return {k: values[k].cpu().numpy() for k in ("recall@20", "ndcg@20")}
+
+
+def run_one(name: str, seed: int, args, config_path: str, data, output: Path) -> dict:
+    folder = output / f"{name}-s{seed}"
+    if (folder / "summary.json").is_file():
+        return json.loads((folder / "summary.json").read_text())
+    spec = dict(RUNS[name])
+    config = load_config(config_path, {"device": "cpu", "seed": seed})
+    if spec.pop("continued", False):
+        config.pretrain.lr = args.continued_lr
+        config.pretrain.time_budget_s = args.budget
+        config.pretrain.max_lr_decays = 0
+        config.pretrain.plateau_patience = 10**6
+        config.pretrain.max_epochs = 10**6
+        result = pretrain(config, data, output_dir=folder, progress=False, init_from=args.pretrained)
+        metrics, seconds = result.best_metrics, result.seconds
+    else:
+        config.finetune = {**config.finetune, **spec, "time_budget_s": args.budget, "eval_every": args.eval_every}
+        result = finetune(config, data, args.pretrained, folder, progress=False)
+        metrics, seconds = result.best_metrics, result.seconds
+    model, _ = load_checkpoint(folder, data)
+    users = per_user_test_metrics(model, data)
+    np.savez(folder / "per_user_test.npz", **users)
+    summary = {"name": name, "seed": seed, "metrics": metrics, "seconds": seconds}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Paired t-test and Wilcoxon signed-rank test of per-user values (a vs b)."""
+    t = stats.ttest_rel(a, b)
+    w = stats.wilcoxon(a, b, zero_method="zsplit")
+    return {"mean_diff": float(np.mean(a - b)), "t_p": float(t.pvalue), "wilcoxon_p": float(w.pvalue)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/ml1m_diffrec.yaml")
+    parser.add_argument("--pretrained", required=True, help="the converged pretrained checkpoint")
+    parser.add_argument("--output", default="runs/finetune_table")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock seconds per run")
+    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--continued-lr", type=float, default=1e-4)
+    parser.add_argument("--runs", default="refit,supervised,continued", help=f"comma-separated, from {list(RUNS)}")
+    parser.add_argument("--single-seed-runs", default="", help="runs done with the first seed only")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = load_config(args.config)
+    data = load_dataset(config.data.dataset)
+
+    reference_file = output / "reference.json"
+    if reference_file.is_file():
+        reference = json.loads(reference_file.read_text())
+    else:
+        pretrained_model, _ = load_checkpoint(args.pretrained, data)
+        ease = tune_ease(data)
+        reference = {
+            "pretrained": evaluate(pretrained_model, data, ks=(10, 20)).metrics,
+            "ease": evaluate(ease.model, data, ks=(10, 20)).metrics,
+            "ease_l2": ease.best_l2,
+        }
+        np.savez(output / "pretrained_per_user.npz", **per_user_test_metrics(pretrained_model, data))
+        np.savez(output / "ease_per_user.npz", **per_user_test_metrics(ease.model, data))
+        reference_file.write_text(json.dumps(reference, indent=2))
+    base_users = dict(np.load(output / "pretrained_per_user.npz"))
+    ease_users = dict(np.load(output / "ease_per_user.npz"))
+
+    plan = [(name, seed) for name in args.runs.split(",") if name for seed in args.seeds]
+    plan += [(name, args.seeds[0]) for name in args.single_seed_runs.split(",") if name]
+    summaries: dict[str, list[dict]] = {}
+    for name, seed in plan:
+        print(f"== {name} seed {seed}", flush=True)
+        summaries.setdefault(name, []).append(run_one(name, seed, args, args.config, data, output))
+
+    lines = ["| model | seeds | " + " | ".join(f"valid {m}" for m in SHOWN) + " | " + " | ".join(f"test {m}" for m in SHOWN)
+             + " | test R@20 vs pretrained (paired t p, max over seeds) | vs EASE |", "|" + "---|" * (2 + 2 * len(SHOWN) + 2)]
+    for label, metrics in (("pretrained DiffRec", reference["pretrained"]), (f"EASE (l2={reference['ease_l2']:g})", reference["ease"])):
+        cells = [f"{metrics[s][m]:.4f}" for s in ("valid", "test") for m in SHOWN]
+        lines.append(f"| {label} | - | " + " | ".join(cells) + " | | |")
+    table: dict[str, Any] = {"reference": reference, "runs": {}}
+    for name, runs in summaries.items():
+        cells = []
+        for split in ("valid", "test"):
+            for metric in SHOWN:
+                values = [r["metrics"][split][metric] for r in runs]
+                spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.4f}{spread}")
+        tests = []
+        for r in runs:
+            users = dict(np.load(output / f"{name}-s{r['seed']}" / "per_user_test.npz"))
+            tests.append({"vs_pretrained": {m: paired(users[m], base_users[m]) for m in users},
+                          "vs_ease": {m: paired(users[m], ease_users[m]) for m in users}})
+        p_base = max(t["vs_pretrained"]["recall@20"]["t_p"] for t in tests)
+        p_ease = max(t["vs_ease"]["recall@20"]["t_p"] for t in tests)
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {p_base:.1e} | {p_ease:.1e} |")
+        table["runs"][name] = {"runs": runs, "paired_tests": tests}
+    (output / "table.md").write_text("\n".join(lines) + "\n")
+    (output / "table.json").write_text(json.dumps(table, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
