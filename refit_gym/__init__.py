@@ -4,4 +4,8 @@ from refit_gym.errors import RefitGymError
 
 __version__ = "0.1.0"
 
-__all__ = ["RefitGymError", "__version__"]
+from refit_gym.envs import list_envs, make_sb3_vec_env, make_torchrl_env, register_envs  # noqa: E402
+
+register_envs()  # idempotent: ReFiT-Synthetic-v0, ReFiT-ML1M-v0 (also via gym.make("refit_gym:<id>"))
+
+__all__ = ["RefitGymError", "__version__", "list_envs", "make_sb3_vec_env", "make_torchrl_env", "register_envs"]

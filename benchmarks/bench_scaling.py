@@ -1,0 +1,113 @@
+"""Benchmark: fine-tuning time per update against the number of users and of items (synthetic data).
+
+The paper claims a cost linear in the number of users or items. For each size this builds
+synthetic data, a DiffRec base with the ML-1M architecture and schedule (T = 40, dims [200, 600];
+speed does not depend on the weights, so they are freshly initialised), the default ``refit``
+agent (likelihood + collaborative policy-gradient term + anchor, 128 users x 4 rollouts per
+update) and times updates. Sizes are measured round-robin (every size once per round, several
+rounds, median per size) so that load on a shared machine drifts into every size alike. The
+fitted log-log slope of seconds per update against size is reported for users (items fixed at
+ML-1M's 2,810) and for items (users fixed at ML-1M's 5,949); the goal is <= 1.1 for both. The
+collaborative reward's one-off neighbour cache (bind) is timed separately: it is not part of an
+update. Usage::
+
+    python benchmarks/bench_scaling.py [--rounds 3] [--updates 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from agents import build_agent
+from agents.config import finetune_config
+from agents.policy import DenoisingPolicy
+from refit_gym.config import load_config
+from refit_gym.data import make_synthetic
+from refit_gym.envs.core import DenoisingMDP
+from refit_gym.models import build_model
+from refit_gym.rewards import build_reward
+from refit_gym.rewards.base import TrainingInteractions
+
+ML1M_USERS, ML1M_ITEMS = 5949, 2810
+
+
+def build(n_users: int, n_items: int, config) -> tuple:
+    data = make_synthetic(n_users=n_users, n_items=n_items, density=0.03, seed=0)
+    settings = finetune_config(config.finetune)
+    model = build_model(config.model, config.diffusion, data).eval()
+    interactions = TrainingInteractions.from_data(data)
+    start = time.perf_counter()
+    reward = build_reward(settings.reward, interactions, "cpu")
+    bind_seconds = time.perf_counter() - start
+    core = DenoisingMDP(model, reward, interactions, batch_size=settings.users_per_batch * settings.rollouts_per_user,
+                        action_mode=settings.action_mode, holdout=settings.holdout,
+                        holdout_fraction=settings.holdout_fraction)
+    policy = DenoisingPolicy(model, settings.action_mode, settings.log_std_init, settings.std_mode, settings.log_prob_reduction)
+    agent = build_agent(settings.agent, policy, core, model.denoiser, settings)
+    return data, agent, bind_seconds
+
+
+def time_updates(agent, n_users: int, updates: int, seed: int) -> list[float]:
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(updates):
+        users = rng.choice(n_users, size=agent.config.users_per_batch, replace=False)
+        start = time.perf_counter()
+        agent.update(users, rng, generator)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def slope(sizes: list[int], seconds: list[float]) -> float:
+    return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/ml1m_diffrec.yaml")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per size per round (after 1 warm-up)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the benchmark)")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    config = load_config(args.config, {"device": "cpu"})
+    factors = [0.1, 0.25, 0.5, 1.0] if args.quick else [1.0, 2.5, 5.0, 10.0]
+    cases = [("users", int(ML1M_USERS * f), ML1M_ITEMS) for f in factors]
+    cases += [("items", ML1M_USERS, int(ML1M_ITEMS * f)) for f in factors]
+    built, binds, times = {}, {}, {case: [] for case in cases}
+    for case in cases:
+        _, n_users, n_items = case
+        if (n_users, n_items) not in built:
+            data, agent, bind = build(n_users, n_items, config)
+            built[(n_users, n_items)] = (data, agent)
+            binds[(n_users, n_items)] = bind
+            time_updates(agent, data.n_users, 1, seed=99)  # warm-up
+            print(f"built {data.n_users} users x {data.n_items} items (reward bind {bind:.1f} s)", flush=True)
+    for round_ in range(args.rounds):
+        for case in cases:
+            data, agent = built[case[1:]]
+            times[case] += time_updates(agent, data.n_users, args.updates, seed=round_)
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    report = {"threads": torch.get_num_threads(), "users_per_update": 128 * 4, "steps": config.diffusion.steps}
+    for axis in ("users", "items"):
+        rows = [(case, statistics.median(times[case])) for case in cases if case[0] == axis]
+        shapes = [built[case[1:]][0] for case, _ in rows]
+        sizes = [data.n_users if axis == "users" else data.n_items for data in shapes]
+        seconds = [s for _, s in rows]
+        report[axis] = {
+            "sizes": sizes,
+            "seconds_per_update_median": [round(s, 3) for s in seconds],
+            "reward_bind_seconds": [round(binds[case[1:]], 2) for case, _ in rows],
+            "loglog_slope": round(slope(sizes, seconds), 3),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,685 @@
+"""The denoising chain of a frozen diffusion recommender as a batched, torch-native MDP.
+
+:class:`DenoisingMDP` is the one implementation of the environment's dynamics; the Gymnasium,
+vector, TorchRL and Stable-Baselines3 classes are thin fronts over it. It imports no gymnasium:
+it works on tensors on one device and steps a whole batch of users at once, with no per-row
+Python loop.
+
+Randomness. Every draw comes from streams keyed by ``(episode seed, stream, step)``: a reset
+draws one 63-bit *episode seed* from the caller's ``numpy.random.Generator`` (the front's
+``np_random``) and nothing else, and a step draws nothing from it. Users come from
+``numpy.random.default_rng(seed)``; holdout keys, initial noise, the noise of a stochastic prefix
+and the transition noise come from a torch generator on the env's device, re-seeded for every
+draw. Each draw is made for the *whole* batch, ``randn(B, ceil16(n_items))[:, :n_items]``, and a
+row takes its own row: torch's CPU normal sampler fills blocks of 16 values, so with a width
+padded to a multiple of 16 row 0 of a batch of B is bit-identical to a batch of one. Hence, on
+CPU, row 0 of a batched env and a single env with the same seed follow the same trajectory for
+the same actions; and row ``i`` never depends on what the other rows do.
+
+State tensors are never modified in place: every transition (and every partial reset) builds
+new tensors, so observations handed out earlier stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from refit_gym.data.interactions import UserSequences, pairs_to_csr
+from refit_gym.data.sparse_rows import SparseRows
+from refit_gym.errors import ActionError, ConfigError, EpisodeStateError
+from refit_gym.models.base import DiffusionRecommender
+from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping, TrainingInteractions
+
+ACTION_MODES = ("x0", "x_prev")
+HOLDOUT_MODES = ("recent", "random", "none")
+DEFAULT_ACTION_BOUND = 10.0
+DEFAULT_HOLDOUT_FRACTION = 0.25
+
+# stream ids of the keyed random draws
+_USERS, _HOLDOUT, _INITIAL_NOISE, _PREFIX_NOISE, _TRANSITION_NOISE = range(5)
+
+
+def padded_width(n: int) -> int:
+    """``n`` rounded up to a multiple of 16 (the block size of torch's CPU normal sampler)."""
+    return 16 * math.ceil(n / 16)
+
+
+def stream_seed(episode_seed: int, stream: int, step: int = 0) -> int:
+    """A 63-bit torch seed for draw ``(stream, step)`` of an episode (via ``numpy.random.SeedSequence``)."""
+    words = np.random.SeedSequence([episode_seed, stream, step]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def held_out_counts(lengths: np.ndarray, fraction: float) -> np.ndarray:
+    """How many training items each user hides: ``round(fraction * L)``, at least 1, at most ``L - 1``.
+
+    ``L`` is the user's number of training items. A user with one item hides nothing (the input
+    would be empty), and ``fraction = 0`` hides nothing.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if fraction <= 0.0:
+        return np.zeros_like(lengths)
+    counts = np.floor(fraction * lengths + 0.5).astype(np.int64)
+    return np.clip(counts, 1, np.maximum(lengths - 1, 0))
+
+
+def recent_held_out_matrix(sequences: UserSequences, n_items: int, fraction: float) -> sp.csr_matrix:
+    """Binary ``(n_users, n_items)`` CSR of each user's most recent ``fraction`` of training items.
+
+    "Most recent" follows ``train_sequences`` (each user's training items oldest first); the
+    count per user is :func:`held_out_counts` of the sequence length. Vectorised (no per-user loop).
+    """
+    n_users = len(sequences)
+    lengths = sequences.lengths
+    counts = held_out_counts(lengths, fraction)
+    owner = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    position = np.arange(len(sequences.items), dtype=np.int64) - np.repeat(sequences.indptr[:-1], lengths)
+    hidden = position >= (lengths - counts)[owner]
+    return pairs_to_csr(owner[hidden], sequences.items[hidden], n_users, n_items)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_number(
+    name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= int(value) <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def frozen_copy(model: DiffusionRecommender) -> DiffusionRecommender:
+    """``model`` itself if it is already frozen (eval mode, no trainable parameter), else a frozen copy.
+
+    The env never trains or changes the model it is given: an agent that fine-tunes the same
+    network object does not change the env's prefix steps.
+    """
+    if not model.training and not any(p.requires_grad for p in model.parameters()):
+        return model
+    frozen = copy.deepcopy(model)
+    frozen.eval()
+    frozen.requires_grad_(False)
+    return frozen
+
+
+@dataclass
+class StepResult:
+    """What :meth:`DenoisingMDP.step` returns (tensors on the env's device unless noted).
+
+    Attributes:
+        observation: the new observation (see :meth:`DenoisingMDP.observation`).
+        reward: ``(B,)`` float32; the terminal reward on rows that ended, shaping (if any) on
+            every stepped row, 0 elsewhere.
+        terminated: ``(B,)`` bool numpy array (host): the rows whose chain reached ``t = 0``.
+        components: reward term name -> ``(B,)`` float32, valid on the ``terminated`` rows
+            (0 elsewhere): the *unweighted* terms of the terminal reward, plus ``"shaping"``
+            when shaping is on (valid on every stepped row).
+        stepped: ``(B,)`` bool numpy array (host): the rows this call moved.
+    """
+
+    observation: dict[str, torch.Tensor]
+    reward: torch.Tensor
+    terminated: np.ndarray
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    stepped: Optional[np.ndarray] = None
+
+
+class DenoisingMDP:
+    """A batch of ``batch_size`` denoising chains of a frozen diffusion recommender.
+
+    One episode = one user's reverse chain. At reset the user's training row (minus the
+    held-out items) becomes the clean start vector, is optionally forward-noised
+    (``noise_steps``), and the first ``T - exposed_steps`` reverse steps are run by the frozen
+    base model; the agent then takes the last ``exposed_steps`` steps. The reward is computed
+    once, on the final state's item scores, when ``t`` reaches 0.
+
+    Args:
+        model: the base diffusion recommender (its denoiser, schedule, history rows). The env
+            keeps a frozen copy (or shares it when it is already frozen).
+        reward: the terminal reward, a :class:`~refit_gym.rewards.base.RewardTerm` bound to the
+            training interactions, typically a ``WeightedReward``, whose unweighted terms
+            (``components``) are reported next to the weighted total.
+        interactions: the training interactions (for the ``recent`` holdout).
+        batch_size: number of chains stepped together (B).
+        shaping: optional potential-based :class:`~refit_gym.rewards.base.StepShaping`, added
+            on every step (off by default).
+        action_mode: ``"x0"``: the action is the predicted clean vector and the env applies the
+            posterior step ``q_posterior_mean(action, x_t) + transition_std * z``; ``"x_prev"``:
+            the action *is* the next state (deterministic transition, DDPO-style).
+        exposed_steps: k, how many of the T reverse steps the agent takes (default T).
+        stochastic_prefix: run the first ``T - k`` steps with the schedule's posterior noise
+            instead of the deterministic mean path (DiffRec's inference path).
+        transition_std: std of the ``x0``-mode transition noise; ``None`` = the schedule's
+            posterior std ``exp(0.5 * posterior_log_variance)`` at each step. The last step
+            (diffusion step 0) is always noiseless, as in DDPM and DiffRec. Unused in ``x_prev``.
+        holdout: which training items are hidden from the input and scored by the reward
+            (``EpisodeBatch.held_out``): ``"recent"`` (each user's most recent
+            ``holdout_fraction`` by ``train_sequences``), ``"random"`` (a fresh random subset of
+            the same size every episode) or ``"none"``.
+        holdout_fraction: the hidden fraction, in ``[0, 1)`` (see :func:`held_out_counts`).
+        noise_steps: the start vector is ``q_sample``d to this step first (0 = un-noised);
+            default: the model's own (DiffRec: 0).
+        action_bound: actions are validated, then clipped to ``[-action_bound, action_bound]``;
+            the state ``x_t`` is kept in the same range.
+        device: where every tensor lives.
+
+    Raises:
+        ConfigError: a parameter out of range (the message names it and the value).
+    """
+
+    def __init__(
+        self,
+        model: DiffusionRecommender,
+        reward: RewardTerm,
+        interactions: TrainingInteractions,
+        *,
+        batch_size: int = 1,
+        shaping: Optional[StepShaping] = None,
+        action_mode: str = "x0",
+        exposed_steps: Optional[int] = None,
+        stochastic_prefix: bool = False,
+        transition_std: Optional[float] = None,
+        holdout: str = "recent",
+        holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+        noise_steps: Optional[int] = None,
+        action_bound: float = DEFAULT_ACTION_BOUND,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not isinstance(model, DiffusionRecommender):
+            raise ConfigError(f"model must be a DiffusionRecommender, got {type(model).__name__}")
+        if not callable(reward):
+            raise ConfigError(f"reward must be a callable RewardTerm, got {type(reward).__name__}")
+        if shaping is not None and not callable(shaping):
+            raise ConfigError(f"shaping must be a StepShaping or None, got {type(shaping).__name__}")
+        if (interactions.n_users, interactions.n_items) != (model.n_users, model.n_items):
+            raise ConfigError(
+                f"the model has {model.n_users} users x {model.n_items} items but the interactions "
+                f"have {interactions.n_users} x {interactions.n_items}"
+            )
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ConfigError(f"unknown device {device!r}: {error}") from None
+        diffusion = model.diffusion
+        self.steps = int(diffusion.steps)
+        self.batch_size = _check_int("batch_size", batch_size, 1, 2**31 - 1)
+        self.action_mode = _check_choice("action_mode", action_mode, ACTION_MODES)
+        self.exposed_steps = self.steps if exposed_steps is None else _check_int(
+            "exposed_steps", exposed_steps, 1, self.steps
+        )
+        if not isinstance(stochastic_prefix, (bool, np.bool_)):
+            raise ConfigError(f"stochastic_prefix must be a bool, got {stochastic_prefix!r}")
+        self.stochastic_prefix = bool(stochastic_prefix)
+        self.holdout = _check_choice("holdout", holdout, HOLDOUT_MODES)
+        self.holdout_fraction = _check_number("holdout_fraction", holdout_fraction, 0.0, 1.0, high_open=True)
+        self.noise_steps = model.noise_steps if noise_steps is None else _check_int(
+            "noise_steps", noise_steps, 0, self.steps
+        )
+        self.action_bound = _check_number("action_bound", action_bound, 0.0, 3.0e38, low_open=True)
+        self.transition_std = None if transition_std is None else _check_number(
+            "transition_std", transition_std, 0.0, 3.0e38
+        )
+
+        frozen = frozen_copy(model)
+        if frozen.device != self.device:  # never move the caller's (possibly shared) model
+            frozen = (copy.deepcopy(frozen) if frozen is model else frozen).to(self.device)
+        self.model = frozen
+        self.reward, self.shaping = reward, shaping
+        self.n_users, self.n_items = model.n_users, model.n_items
+        self.width = padded_width(self.n_items)
+
+        # per-step tables, indexed by the diffusion step (remaining steps - 1)
+        coef1 = diffusion.posterior_mean_coef1.detach().cpu()
+        coef2 = diffusion.posterior_mean_coef2.detach().cpu()
+        if not (torch.isfinite(coef1).all() and torch.isfinite(coef2).all()):
+            raise ConfigError(
+                "the model's noise schedule has non-finite posterior coefficients (noise_scale = 0?); "
+                "the denoising MDP needs a Gaussian schedule"
+            )
+        if self.transition_std is None:
+            std = torch.exp(0.5 * diffusion.posterior_log_variance_clipped.detach().cpu())
+        else:
+            std = torch.full((self.steps,), self.transition_std, dtype=torch.float64)
+        std[0] = 0.0
+        self._prefix_std = torch.exp(0.5 * diffusion.posterior_log_variance_clipped.detach().cpu())
+        self._prefix_std[0] = 0.0
+        self._coef1_host = coef1.tolist()
+        self._coef2_host = coef2.tolist()
+        self._std_host = std.tolist()
+        self._coef1 = coef1.to(torch.float32).to(self.device)
+        self._coef2 = coef2.to(torch.float32).to(self.device)
+        self._std = std.to(torch.float32).to(self.device)
+
+        # hidden items: a sparse matrix precomputed once (recent) or per-user counts (random)
+        self._hidden_rows: Optional[SparseRows] = None
+        self._hidden_counts: Optional[torch.Tensor] = None
+        if self.holdout == "recent":
+            hidden = recent_held_out_matrix(interactions.train_sequences, self.n_items, self.holdout_fraction)
+            self._hidden_rows = SparseRows(hidden, self.device)
+        elif self.holdout == "random":
+            lengths = np.diff(sp.csr_matrix(interactions.train).indptr)
+            counts = held_out_counts(lengths, self.holdout_fraction)
+            self._hidden_counts = torch.from_numpy(counts).to(self.device)
+
+        self._generator = torch.Generator(device=self.device)
+        self._noise_buffer = torch.empty(self.batch_size, self.width, device=self.device)
+        self._product_buffer = torch.empty(self.batch_size, self.n_items, device=self.device)
+        self._episode_seed: Optional[int] = None
+        self._step_count = 0
+        self._t_host = np.zeros(self.batch_size, dtype=np.int64)
+        self._users_host = np.zeros(self.batch_size, dtype=np.int64)
+        self._ready = False
+        self.x_t = torch.zeros(self.batch_size, self.n_items, device=self.device)
+        self.users = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
+        self.visible = torch.zeros(self.batch_size, self.n_items, device=self.device)
+        self.held_out = torch.zeros(self.batch_size, self.n_items, dtype=torch.bool, device=self.device)
+        self.context: dict[str, torch.Tensor] = {}
+        self._context_spec = self._probe_context()
+
+    # ------------------------------------------------------------------ description
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The frozen base denoiser (copy it before fine-tuning it)."""
+        return self.model.denoiser
+
+    @property
+    def t(self) -> np.ndarray:
+        """Remaining steps per row (host copy, ``(B,)`` int64)."""
+        return self._t_host.copy()
+
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`reset` has been called (the state exists)."""
+        return self._ready
+
+    @property
+    def done(self) -> np.ndarray:
+        """``(B,)`` bool: rows whose chain has ended (or that were never reset)."""
+        return (self._t_host == 0) | (not self._ready)
+
+    @property
+    def context_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-row shape and dtype of each context tensor the base model conditions on."""
+        return dict(self._context_spec)
+
+    def config(self) -> dict[str, Any]:
+        """The chain parameters, JSON-able, for the run record."""
+        reward_config = self.reward.config() if hasattr(self.reward, "config") else type(self.reward).__name__
+        return {
+            "action_mode": self.action_mode,
+            "steps": self.steps,
+            "exposed_steps": self.exposed_steps,
+            "stochastic_prefix": self.stochastic_prefix,
+            "transition_std": self.transition_std,
+            "holdout": self.holdout,
+            "holdout_fraction": self.holdout_fraction,
+            "noise_steps": self.noise_steps,
+            "action_bound": self.action_bound,
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+            "reward": reward_config,
+            "shaping": None if self.shaping is None else type(self.shaping).__name__,
+        }
+
+    def _probe_context(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        with torch.no_grad():
+            probe = self.model.context(torch.zeros(1, dtype=torch.int64, device=self.device))
+        return {name: (tuple(value.shape[1:]), value.dtype) for name, value in probe.items()}
+
+    # ------------------------------------------------------------------ random draws
+    def _seeded(self, stream: int, step: int = 0) -> torch.Generator:
+        return self._generator.manual_seed(stream_seed(self._episode_seed, stream, step))
+
+    def _normal(self, stream: int, step: int = 0, std: float = 1.0) -> torch.Tensor:
+        """``(B, n_items)`` normals ``N(0, std^2)`` of draw ``(stream, step)``; row i is row i of every batch size."""
+        generator = self._seeded(stream, step)
+        # a scratch buffer: every caller consumes the noise at once (and never keeps it)
+        return self._noise_buffer.normal_(0.0, std, generator=generator)[:, : self.n_items]
+
+    # ------------------------------------------------------------------ reset
+    def reset(
+        self,
+        rng: np.random.Generator,
+        users: Optional[Sequence[int] | np.ndarray | torch.Tensor] = None,
+        mask: Optional[Sequence[bool] | np.ndarray | torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Start new episodes on the rows in ``mask`` (default: all rows); returns the observation.
+
+        Args:
+            rng: the front's ``np_random``; exactly one integer is drawn from it (the episode seed).
+            users: user ids of the reset rows (one per row of the batch, or one per masked row);
+                default: drawn uniformly from ``numpy.random.default_rng(episode seed)``.
+            mask: ``(B,)`` bools, the rows to reset; the other rows keep their state.
+
+        Raises:
+            ConfigError: ``users`` or ``mask`` has the wrong shape, or a user id is out of range.
+        """
+        rows = self._rows_from_mask(mask)
+        if rows is not None and len(rows) == 0:
+            return self.observation()
+        if not self._ready and rows is not None:
+            rows = None  # the first reset initialises every row
+        n_rows = self.batch_size if rows is None else len(rows)
+        self._episode_seed = int(rng.integers(0, 2**63 - 1))
+        self._step_count = 0
+        chosen_host = self._choose_users(users, rows, n_rows)
+        chosen = torch.from_numpy(chosen_host).to(self.device)
+        with torch.no_grad():
+            history = self.model.history_rows(chosen).to(torch.float32)
+            held_out = self._held_out(chosen, history, rows)
+            visible = history * (~held_out).to(history.dtype)
+            context = self.model.context(chosen)
+            x = self._initial_state(visible, context, rows)
+        if rows is None:
+            self.x_t, self.users, self.visible, self.held_out = x, chosen, visible, held_out
+            self.context = dict(context)
+            self._users_host = chosen_host.copy()
+            self._t_host = np.full(self.batch_size, self.exposed_steps, dtype=np.int64)
+        else:
+            index = torch.from_numpy(rows).to(self.device)
+            self.x_t = self.x_t.index_put((index,), x)
+            self.users = self.users.index_put((index,), chosen)
+            self.visible = self.visible.index_put((index,), visible)
+            self.held_out = self.held_out.index_put((index,), held_out)
+            self.context = {name: self.context[name].index_put((index,), value) for name, value in context.items()}
+            users_host, t_host = self._users_host.copy(), self._t_host.copy()
+            users_host[rows], t_host[rows] = chosen_host, self.exposed_steps
+            self._users_host, self._t_host = users_host, t_host
+        self._ready = True
+        return self.observation()
+
+    def _rows_from_mask(self, mask) -> Optional[np.ndarray]:
+        if mask is None:
+            return None
+        if isinstance(mask, torch.Tensor):
+            mask = mask.detach().cpu().numpy()
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.reshape(-1).shape != (self.batch_size,):
+            raise ConfigError(
+                f"reset mask must be {self.batch_size} bools, got a {mask.dtype} array of shape {mask.shape}"
+            )
+        mask = mask.reshape(-1)
+        return None if mask.all() else np.flatnonzero(mask)
+
+    def _choose_users(self, users, rows: Optional[np.ndarray], n_rows: int) -> np.ndarray:
+        if users is None:
+            drawn = np.random.default_rng(self._episode_seed).integers(0, self.n_users, size=self.batch_size)
+            return drawn if rows is None else drawn[rows]
+        if isinstance(users, torch.Tensor):
+            users = users.detach().cpu().numpy()
+        users = np.asarray(users)
+        if users.ndim == 0:
+            users = users.reshape(1)
+        users = users.reshape(-1)
+        if users.dtype.kind not in "iu":
+            raise ConfigError(f"users must be integer ids, got dtype {users.dtype}")
+        if rows is not None and len(users) == self.batch_size:
+            users = users[rows]
+        if len(users) != n_rows:
+            raise ConfigError(f"expected {n_rows} user ids (one per reset row), got {len(users)}")
+        if len(users) and (users.min() < 0 or users.max() >= self.n_users):
+            raise ConfigError(f"user ids must be in [0, {self.n_users - 1}], got {users.min()}..{users.max()}")
+        return users.astype(np.int64)
+
+    def _select(self, full: torch.Tensor, rows: Optional[np.ndarray]) -> torch.Tensor:
+        return full if rows is None else full[torch.from_numpy(rows).to(full.device)]
+
+    def _held_out(self, users: torch.Tensor, history: torch.Tensor, rows: Optional[np.ndarray]) -> torch.Tensor:
+        """``(len(users), n_items)`` bool: the training items hidden from the input this episode."""
+        if self.holdout == "none":
+            return torch.zeros_like(history, dtype=torch.bool)
+        if self.holdout == "recent":
+            return (self._hidden_rows.dense(users) > 0) & (history > 0)
+        # random: per row, the `count` training items with the smallest uniform keys
+        generator = self._seeded(_HOLDOUT)
+        keys = torch.rand(self.batch_size, self.width, generator=generator, device=self.device)[:, : self.n_items]
+        keys = self._select(keys, rows)
+        keys = torch.where(history > 0, keys, torch.full_like(keys, 2.0))
+        order = keys.argsort(dim=1)
+        ranks = torch.empty_like(order).scatter_(
+            1, order, torch.arange(self.n_items, device=self.device).expand_as(order).contiguous()
+        )
+        return ranks < self._hidden_counts[users].unsqueeze(1)
+
+    def _initial_state(self, visible: torch.Tensor, context: dict, rows: Optional[np.ndarray]) -> torch.Tensor:
+        """The start vector, forward-noised to ``noise_steps`` and run through the hidden prefix."""
+        diffusion = self.model.diffusion
+        x = self.model.start_vector(visible)
+        if self.noise_steps > 0:
+            noise = self._select(self._normal(_INITIAL_NOISE), rows)
+            x = diffusion.q_sample(x, self.noise_steps - 1, noise=noise)
+        for t in range(self.steps - 1, self.exposed_steps - 1, -1):
+            x = diffusion.p_mean_variance(self.model.denoiser, x, t, **context)["mean"]
+            if self.stochastic_prefix and self._prefix_std[t] > 0:
+                x = x + float(self._prefix_std[t]) * self._select(self._normal(_PREFIX_NOISE, t), rows)
+        return x.to(torch.float32).clamp(-self.action_bound, self.action_bound)
+
+    # ------------------------------------------------------------------ observation
+    def observation(self) -> dict[str, torch.Tensor]:
+        """``x_t`` ``(B, n_items)`` float32, ``t`` ``(B, 1)`` int64 (remaining steps), ``user`` ``(B, 1)``
+        int64, and the base model's context tensors.
+
+        The tensors are the env's own (never modified in place later); copy before mutating them.
+        """
+        if not self._ready:
+            raise EpisodeStateError("the environment has not been reset yet; call reset() first")
+        return {
+            "x_t": self.x_t,
+            "t": torch.from_numpy(self._t_host.copy()).to(self.device).unsqueeze(1),
+            "user": self.users.unsqueeze(1),
+            **self.context,
+        }
+
+    def episode(self, rows: Optional[np.ndarray] = None) -> EpisodeBatch:
+        """What the reward knows about the rows' episodes (all rows by default)."""
+        return EpisodeBatch(
+            users=self._select(self.users, rows),
+            visible=self._select(self.visible, rows),
+            held_out=self._select(self.held_out, rows),
+        )
+
+    # ------------------------------------------------------------------ step
+    def validate_action(self, action: Any, batch_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        """The action as a float32 ``(B, n_items)`` tensor on the device, clipped to the bound.
+
+        Accepts a torch tensor or anything ``numpy.asarray`` takes. Floating dtypes other than
+        float32 (float64, float16, bfloat16) are cast to float32.
+
+        Raises:
+            ActionError: wrong shape, a non-floating dtype, or a NaN / inf entry.
+        """
+        expected = (self.batch_size, self.n_items) if batch_shape is None else (*batch_shape, self.n_items)
+        if isinstance(action, torch.Tensor):
+            tensor = action.detach()
+            if not tensor.is_floating_point():
+                raise ActionError(f"the action must be a floating-point array, got dtype {tensor.dtype}")
+        else:
+            try:
+                array = np.asarray(action)
+            except (TypeError, ValueError) as error:
+                raise ActionError(f"the action could not be read as an array: {error}") from None
+            if array.dtype.kind != "f":
+                raise ActionError(f"the action must be a floating-point array, got dtype {array.dtype}")
+            if not (array.flags.c_contiguous and array.flags.writeable and array.dtype.isnative):
+                array = np.array(array, dtype=array.dtype.newbyteorder("="), order="C")
+            tensor = torch.from_numpy(array)
+        if tuple(tensor.shape) != expected:
+            raise ActionError(f"the action must have shape {expected}, got {tuple(tensor.shape)}")
+        tensor = tensor.to(device=self.device, dtype=torch.float32).reshape(self.batch_size, self.n_items)
+        # one cheap reduction: NaN / inf make the sum non-finite; only then look closer (a finite
+        # sum can also overflow, so the exact check decides)
+        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+            bad_rows = np.flatnonzero(~torch.isfinite(tensor).all(dim=1).cpu().numpy())
+            raise ActionError(
+                f"the action holds NaN or inf in {len(bad_rows)} row(s) (first: row {bad_rows[0]}); "
+                "the state was not changed"
+            )
+        return tensor.clamp(-self.action_bound, self.action_bound)
+
+    def step(
+        self, action: Any, active: Optional[np.ndarray] = None, batch_shape: Optional[tuple[int, ...]] = None
+    ) -> StepResult:
+        """Advance the rows in ``active`` (default all) by one reverse step with ``action``.
+
+        Args:
+            action: ``(B, n_items)`` floats (every row's, also those not stepped).
+            active: ``(B,)`` bools; rows not active keep their state and get reward 0.
+            batch_shape: the leading dims the action must have instead of ``(B,)`` (``()`` for
+                an unbatched single-row action).
+
+        Raises:
+            ActionError: a bad action (nothing is changed).
+            EpisodeStateError: an active row has already ended (reset it first) or the env was
+                never reset.
+        """
+        if not self._ready:
+            raise EpisodeStateError("the environment has not been reset yet; call reset() first")
+        rows = None
+        if active is not None:
+            active = np.asarray(active)
+            if active.dtype != np.bool_ or active.shape != (self.batch_size,):
+                raise ConfigError(f"active must be {self.batch_size} bools, got {active.dtype} {active.shape}")
+            if not active.all():
+                rows = np.flatnonzero(active)
+        finished = self._t_host == 0 if rows is None else np.zeros(self.batch_size, dtype=bool)
+        if rows is not None:
+            finished[rows] = self._t_host[rows] == 0
+        if finished.any():
+            raise EpisodeStateError(
+                f"{int(finished.sum())} row(s) of the batch (first: row {np.flatnonzero(finished)[0]}) have "
+                "already reached t = 0; reset them before stepping (reset(options={'reset_mask': ...}))"
+            )
+        action = self.validate_action(action, batch_shape)
+        stepped = np.ones(self.batch_size, dtype=bool) if rows is None else active
+        if rows is not None and len(rows) == 0:
+            zero = torch.zeros(self.batch_size, device=self.device)
+            return StepResult(self.observation(), zero, np.zeros(self.batch_size, dtype=bool), {}, stepped)
+
+        t_rows = self._t_host if rows is None else self._t_host[rows]
+        x_rows = self._select(self.x_t, rows)
+        a_rows = self._select(action, rows)
+        with torch.no_grad():
+            x_next = self._transition(x_rows, a_rows, t_rows - 1, rows)
+        t_next_rows = t_rows - 1
+        terminal_rows_local = np.flatnonzero(t_next_rows == 0)
+
+        reward = torch.zeros(self.batch_size, device=self.device)
+        components: dict[str, torch.Tensor] = {}
+        if len(terminal_rows_local):
+            term_rows = terminal_rows_local if rows is None else rows[terminal_rows_local]
+            all_rows = len(term_rows) == self.batch_size
+            if all_rows and rows is None:
+                x_terminal = x_next
+            else:
+                x_terminal = x_next[torch.from_numpy(terminal_rows_local).to(self.device)]
+            terms, total = self._terminal_reward(x_terminal, None if all_rows else term_rows)
+            index = torch.from_numpy(term_rows).to(self.device)
+            reward = reward.index_put((index,), total.to(torch.float32))
+            for name, value in terms.items():
+                components[name] = torch.zeros(self.batch_size, device=self.device).index_put(
+                    (index,), value.detach().to(torch.float32)
+                )
+        if self.shaping is not None:
+            with torch.no_grad():
+                t_dev = torch.from_numpy(t_rows).to(self.device).unsqueeze(1)
+                shaped = self.shaping(x_rows, t_dev, x_next, t_dev - 1, self.episode(rows)).to(torch.float32)
+            shaping_full = shaped if rows is None else torch.zeros(self.batch_size, device=self.device).index_put(
+                (torch.from_numpy(rows).to(self.device),), shaped
+            )
+            reward = reward + shaping_full
+            components["shaping"] = shaping_full
+
+        # commit (nothing above modified the state)
+        if rows is None:
+            self.x_t = x_next
+            self._t_host = t_next_rows.copy()
+        else:
+            self.x_t = self.x_t.index_put((torch.from_numpy(rows).to(self.device),), x_next)
+            t_host = self._t_host.copy()
+            t_host[rows] = t_next_rows
+            self._t_host = t_host
+        self._step_count += 1
+        terminated = np.zeros(self.batch_size, dtype=bool)
+        terminated[terminal_rows_local if rows is None else rows[terminal_rows_local]] = True
+        return StepResult(self.observation(), reward, terminated, components, stepped)
+
+    def _transition(
+        self, x: torch.Tensor, action: torch.Tensor, diffusion_t: np.ndarray, rows: Optional[np.ndarray]
+    ) -> torch.Tensor:
+        """The next state of the stepped rows (diffusion step ``diffusion_t`` per row)."""
+        if self.action_mode == "x_prev":
+            return action
+        # `action` is the env's own clipped copy, so it is updated in place (fewer large
+        # allocations); plain multiplies and adds only (no fused multiply-add), so a row's result
+        # does not depend on where it sits in the batch.
+        uniform = bool((diffusion_t == diffusion_t[0]).all())
+        if uniform:
+            t = int(diffusion_t[0])
+            coef1, coef2, std = self._coef1_host[t], self._coef2_host[t], self._std_host[t]
+        else:
+            index = torch.from_numpy(diffusion_t).to(self.device)
+            coef1, coef2 = self._coef1[index].unsqueeze(1), self._coef2[index].unsqueeze(1)
+            std = self._std[index].unsqueeze(1)
+        product = torch.mul(x, coef2, out=self._product_buffer) if rows is None else x * coef2
+        mean = action.mul_(coef1).add_(product)
+        if uniform and std > 0.0:
+            mean.add_(self._select(self._normal(_TRANSITION_NOISE, self._step_count, std), rows))
+        elif not uniform and bool((std > 0).any()):
+            noise = self._select(self._normal(_TRANSITION_NOISE, self._step_count), rows)
+            mean.add_(noise.mul_(std))  # the noise tensor is the env's own
+        return mean.clamp_(-self.action_bound, self.action_bound)
+
+    def _terminal_reward(
+        self, x0: torch.Tensor, rows: Optional[np.ndarray]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-term values and the total reward of the rows that just ended."""
+        episode = self.episode(rows)
+        with torch.no_grad():
+            scores = self.model.item_scores(x0)
+            if hasattr(self.reward, "components") and hasattr(self.reward, "total"):
+                terms = dict(self.reward.components(scores, episode))
+                total = self.reward.total(terms, episode.batch_size)
+            else:
+                total = self.reward(scores, episode)
+                terms = {getattr(self.reward, "name", "reward"): total}
+        return terms, total.to(self.device)
+
+    # ------------------------------------------------------------------ rendering
+    def top_items(
+        self, k: int = 10, rows: Optional[np.ndarray] = None, exclude_input: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, item ids)`` of the top-k current item scores of ``rows`` (all by default).
+
+        With ``exclude_input`` the items given in the input are left out, as a recommendation
+        list would.
+        """
+        with torch.no_grad():
+            scores = self.model.item_scores(self._select(self.x_t, rows))
+            if exclude_input:
+                scores = scores.masked_fill(self._select(self.visible, rows) > 0, float("-inf"))
+        return torch.topk(scores, min(k, self.n_items), dim=1)

@@ -1,0 +1,125 @@
+"""The TorchRL front: an ``EnvBase`` over the batched core; tensors stay on the env's device."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from refit_gym.envs.factory import build_env_parts
+from refit_gym.envs.presets import preset_for
+from refit_gym.errors import ConfigError
+
+
+class DenoisingTorchRLEnv(EnvBase):
+    """``num_envs`` denoising chains as a TorchRL environment with ``batch_size=[num_envs]``.
+
+    The MDP, its arguments and rewards are those of :class:`~refit_gym.envs.gym_env.DenoisingEnv`.
+    Specs (``N = num_envs``, ``n = n_items``, ``b = action_bound``, ``k = exposed_steps``):
+
+    | key | spec |
+    |---|---|
+    | ``action`` | ``Bounded(-b, b, (N, n), float32)`` |
+    | ``x_t`` | ``Bounded(-b, b, (N, n), float32)`` |
+    | ``t`` | ``Bounded(0, k, (N, 1), int64)``, remaining steps |
+    | ``user`` | ``Bounded(0, n_users - 1, (N, 1), int64)`` |
+    | ``("reward_terms", name)`` | ``Unbounded((N,), float32)``: each unweighted reward term at the terminal step (0 before) |
+    | ``reward`` | ``Unbounded((N, 1), float32)`` |
+    | ``done`` / ``terminated`` / ``truncated`` | ``Categorical(2, (N, 1), bool)``; never truncated |
+
+    ``reset`` honours ``tensordict["_reset"]`` (``(N, 1)`` bools: reset only those rows), which
+    is what ``torchrl.collectors.Collector`` sends for finished rows. ``set_seed(s)`` seeds the
+    env's numpy generator (one draw per reset, none per step; all other randomness is keyed on
+    it, see :mod:`refit_gym.envs.core`).
+
+    Args:
+        preset: ``"synthetic"`` / ``"ml1m"`` (or an env id).
+        num_envs: N.
+        device: where every tensor lives (the core computes there too).
+        **kwargs: the chain, reward and data arguments of :func:`~refit_gym.envs.factory.build_env_parts`.
+    """
+
+    def __init__(self, preset: str = "synthetic", num_envs: int = 1, device: Any = "cpu", **kwargs: Any) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ConfigError(f"num_envs must be a positive integer, got {num_envs!r}")
+        parts = build_env_parts(preset, batch_size=int(num_envs), device=device, **kwargs)
+        super().__init__(device=parts.core.device, batch_size=torch.Size([int(num_envs)]))
+        self.core, self.data, self.preset = parts.core, parts.data, parts.preset
+        self.num_envs = int(num_envs)
+        self._rng = np.random.default_rng()
+        self._term_names = self._reward_term_names()
+        self._make_specs()
+
+    @property
+    def base_model(self):
+        """The frozen base diffusion recommender (copy its ``denoiser`` to fine-tune it)."""
+        return self.core.model
+
+    def _reward_term_names(self) -> list[str]:
+        reward = self.core.reward
+        names = list(reward.terms) if hasattr(reward, "terms") else [getattr(reward, "name", "reward")]
+        if self.core.shaping is not None:
+            names.append("shaping")
+        return names
+
+    def _make_specs(self) -> None:
+        n, bound, shape = self.core.n_items, self.core.action_bound, (self.num_envs,)
+        batch = torch.Size(shape)
+        terms = Composite(
+            {name: Unbounded(shape=batch, dtype=torch.float32, device=self.device) for name in self._term_names},
+            shape=batch,
+            device=self.device,
+        )
+        entries = {
+            "x_t": Bounded(-bound, bound, shape=(*shape, n), dtype=torch.float32, device=self.device),
+            "t": Bounded(0, self.core.exposed_steps, shape=(*shape, 1), dtype=torch.int64, device=self.device),
+            "user": Bounded(0, self.core.n_users - 1, shape=(*shape, 1), dtype=torch.int64, device=self.device),
+            "reward_terms": terms,
+        }
+        for name, (row_shape, dtype) in sorted(self.core.context_spec.items()):
+            entries[name] = Unbounded(shape=(*shape, *row_shape), dtype=dtype, device=self.device)
+        self.observation_spec = Composite(entries, shape=batch, device=self.device)
+        self.action_spec = Bounded(-bound, bound, shape=(*shape, n), dtype=torch.float32, device=self.device)
+        self.reward_spec = Unbounded(shape=(*shape, 1), dtype=torch.float32, device=self.device)
+        flag = lambda: Categorical(2, shape=(*shape, 1), dtype=torch.bool, device=self.device)  # noqa: E731
+        self.done_spec = Composite(done=flag(), terminated=flag(), truncated=flag(), shape=batch, device=self.device)
+
+    def _output(self, observation: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> dict[str, Any]:
+        done = torch.from_numpy(self.core.t == 0).to(self.device).unsqueeze(1)
+        zeros = torch.zeros(self.num_envs, device=self.device)
+        out = {name: value.clone() for name, value in observation.items()}
+        out["reward_terms"] = TensorDict(
+            {name: terms.get(name, zeros).clone() for name in self._term_names},
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+        out["done"], out["terminated"], out["truncated"] = done, done.clone(), torch.zeros_like(done)
+        return out
+
+    def _reset(self, tensordict: Optional[TensorDictBase] = None, **kwargs: Any) -> TensorDictBase:
+        mask = None
+        if tensordict is not None and "_reset" in tensordict.keys():
+            mask = tensordict.get("_reset").reshape(-1).to("cpu").numpy()
+        observation = self.core.reset(self._rng, mask=mask)
+        return TensorDict(self._output(observation, {}), batch_size=self.batch_size, device=self.device)
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        result = self.core.step(tensordict.get("action"))
+        out = self._output(result.observation, result.components)
+        out["reward"] = result.reward.unsqueeze(1)
+        return TensorDict(out, batch_size=self.batch_size, device=self.device)
+
+    def _set_seed(self, seed: Optional[int]) -> None:
+        self._rng = np.random.default_rng(seed)
+
+
+def make_torchrl_env(env_id: str, num_envs: int = 1, device: Any = "cpu", **kwargs: Any) -> DenoisingTorchRLEnv:
+    """The TorchRL env of a registered id (``"ReFiT-ML1M-v0"`` or ``"refit_gym:ReFiT-ML1M-v0"``).
+
+    Accepts the same keyword arguments as ``gym.make(env_id, ...)``.
+    """
+    return DenoisingTorchRLEnv(preset_for(env_id).name, num_envs=num_envs, device=device, **kwargs)
