@@ -77,11 +77,13 @@ def run_one(name: str, seed: int, args, config_path: str, data, output: Path) ->
         config.pretrain.time_budget_s = args.budget
         config.pretrain.max_lr_decays = 0
         config.pretrain.plateau_patience = 10**6
-        config.pretrain.max_epochs = 10**6
+        config.pretrain.min_epochs = 0
+        config.pretrain.max_epochs = args.continued_epochs
         result = pretrain(config, data, output_dir=folder, progress=False, init_from=args.pretrained)
         metrics, seconds = result.best_metrics, result.seconds
     else:
-        config.finetune = {**config.finetune, **spec, "time_budget_s": args.budget, "eval_every": args.eval_every}
+        config.finetune = {**config.finetune, **spec, "time_budget_s": args.budget, "eval_every": args.eval_every,
+                           "max_updates": args.updates}
         result = finetune(config, data, args.pretrained, folder, progress=False)
         metrics, seconds = result.best_metrics, result.seconds
     model, _ = load_checkpoint(folder, data)
@@ -105,7 +107,9 @@ def main() -> None:
     parser.add_argument("--pretrained", required=True, help="the converged pretrained checkpoint")
     parser.add_argument("--output", default="runs/finetune_table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock seconds per run")
+    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock cap per run (seconds)")
+    parser.add_argument("--updates", type=int, default=2000, help="update budget per fine-tuning run (fair on a shared machine)")
+    parser.add_argument("--continued-epochs", type=int, default=10**6, help="epoch budget of control (a)")
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--continued-lr", type=float, default=1e-4)
     parser.add_argument("--runs", default="refit,supervised,continued", help=f"comma-separated, from {list(RUNS)}")

@@ -217,8 +217,15 @@ class GaussianDiffusion(nn.Module):
             for t in reversed(range(self.steps)):
                 x_t = denoiser(x_t, self.timestep_tensor(t, x_t.shape[0], x_t.device), **context)
             return x_t
+        coef1, coef2 = self.posterior_mean_coef1.tolist(), self.posterior_mean_coef2.tolist()
         for t in reversed(range(self.steps)):
-            x_t = self.p_mean_variance(denoiser, x_t, t, **context)["mean"]
+            step = self.timestep_tensor(t, x_t.shape[0], x_t.device)
+            pred_x0 = self.predict_x0(denoiser(x_t, step, **context), x_t, t)
+            # the posterior mean c1 * x0 + c2 * x_t in two passes over the batch, no temporaries
+            # (a fresh x0 from the denoiser is scaled in place); same values as p_mean_variance
+            if pred_x0 is x_t:
+                pred_x0 = pred_x0.clone()
+            x_t = torch.add(pred_x0.mul_(coef1[t]), x_t, alpha=coef2[t])
         return x_t
 
     def sample_trajectory(
