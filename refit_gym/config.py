@@ -152,9 +152,27 @@ def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, values, "")
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The YAML configs shipped with the package (``configs/`` at the repository root links here)."""
+
+
+def packaged_config(name: str) -> Path:
+    """The path of a config shipped with refit-gym, by file name (``"ml1m_diffrec.yaml"``) or stem."""
+    path = PACKAGED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        shipped = sorted(p.name for p in PACKAGED_CONFIGS.glob("*.yaml"))
+        raise ConfigError(f"no shipped config named {name!r}; shipped: {shipped}")
+    return path
+
+
 def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> ExperimentConfig:
-    """Read a YAML experiment config, then apply dotted ``overrides`` (``{"pretrain.lr": 1e-4}``)."""
+    """Read a YAML experiment config, then apply dotted ``overrides`` (``{"pretrain.lr": 1e-4}``).
+
+    ``path`` is a file, or the name of a config shipped with the package (``ml1m_diffrec``).
+    """
     path = Path(path)
+    if not path.is_file() and path.parent == Path(".") and (PACKAGED_CONFIGS / f"{path.stem}.yaml").is_file():
+        path = PACKAGED_CONFIGS / f"{path.stem}.yaml"
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -38,7 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from refit_gym.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from refit_gym.config import ExperimentConfig, config_from_dict, resolve_device
+from refit_gym.config import ExperimentConfig, config_from_dict, load_config, packaged_config, resolve_device
 from refit_gym.data.interactions import InteractionData
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.presets import PRESETS, Preset, preset_for
@@ -98,41 +98,8 @@ def _synthetic_config(n_users: int, n_items: int, data_seed: int) -> ExperimentC
 
 
 def _ml1m_config() -> ExperimentConfig:
-    """DiffRec's published ML-1M settings (the same as ``configs/ml1m_diffrec.yaml``)."""
-    return config_from_dict(
-        {
-            "name": "ml1m_diffrec",
-            "seed": 0,
-            "device": "auto",
-            "data": {"dataset": "diffrec_ml-1m_clean"},
-            "model": {"name": "diffrec", "dims": [200, 600], "time_emb_dim": 10, "dropout": 0.5, "norm": False},
-            "diffusion": {
-                "steps": 40,
-                "noise_schedule": "linear-var",
-                "noise_scale": 0.005,
-                "noise_min": 0.005,
-                "noise_max": 0.01,
-                "mean_type": "x0",
-                "beta_fixed": True,
-                "reweight": True,
-                "timestep_sampling": "importance",
-                "noise_steps": 0,
-            },
-            "pretrain": {
-                "lr": 1e-3,
-                "weight_decay": 0.0,
-                "batch_size": 400,
-                "max_epochs": 300,
-                "eval_every": 5,
-                "min_epochs": 20,
-                "plateau_patience": 2,
-                "lr_decay": 0.1,
-                "max_lr_decays": 2,
-                "select_metric": "recall@20",
-            },
-            "evaluation": {"ks": [10, 20, 50, 100], "batch_size": 1024},
-        }
-    )
+    """DiffRec's published ML-1M settings: the shipped ``configs/ml1m_diffrec.yaml``."""
+    return load_config(packaged_config("ml1m_diffrec.yaml"))
 
 
 # ---------------------------------------------------------------------------------- caches
