@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agents import agent_class, build_agent
-from agents.config import FinetuneConfig, finetune_config
+from agents.config import finetune_config
 from agents.policy import DenoisingPolicy
 from refit_gym.checkpoint import load_checkpoint, package_versions, save_checkpoint, write_json_atomic
 from refit_gym.config import ExperimentConfig, resolve_device

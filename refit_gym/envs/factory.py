@@ -15,7 +15,7 @@ preset             env id                 data and base model
 
 Base models are cached in-process (one frozen model shared by every env built in the process)
 and on disk under ``$XDG_CACHE_HOME/refit_gym/checkpoints/<key>`` (default
-``~/.cache/refit_gym/checkpoints``), where ``<key>`` hashes the preset, the model / diffusion /
+``~/.cache/refit_gym/checkpoints``), where ``<key>`` names the data and model and hashes the seed, the model / diffusion /
 pretraining config and a fingerprint of the training matrix.
 """
 
@@ -26,22 +26,20 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from refit_gym.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from refit_gym.checkpoint import load_checkpoint
+from refit_gym.training.pretrain import pretrained_checkpoint, train_fingerprint
 from refit_gym.config import ExperimentConfig, config_from_dict, load_config, packaged_config, resolve_device
 from refit_gym.data.interactions import InteractionData
 from refit_gym.envs.core import DenoisingMDP
-from refit_gym.envs.presets import PRESETS, Preset, preset_for
+from refit_gym.envs.presets import Preset, preset_for
 from refit_gym.errors import ConfigError
 from refit_gym.models import build_model
 from refit_gym.models.base import DiffusionRecommender, check_data_matches
@@ -106,23 +104,6 @@ def _ml1m_config() -> ExperimentConfig:
 _DATA_CACHE: dict[tuple, InteractionData] = {}
 _MODEL_CACHE: dict[tuple[str, str], DiffusionRecommender] = {}
 _LOCK = threading.Lock()
-
-
-def checkpoint_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/refit_gym/checkpoints`` (``XDG_CACHE_HOME`` if absolute, else ``~/.cache``)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return root / "refit_gym" / "checkpoints"
-
-
-def train_fingerprint(data: InteractionData) -> str:
-    """A short hash of the training matrix (shape and nonzeros)."""
-    train = sp.csr_matrix(data.train)
-    digest = hashlib.sha256()
-    digest.update(np.asarray(train.shape, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.indptr, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.indices, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def model_cache_key(preset: str, config: ExperimentConfig, data: InteractionData) -> str:
@@ -193,34 +174,12 @@ def _torch_threads(n: Optional[int]):
 def _pretrained_model(
     preset: Preset, config: ExperimentConfig, data: InteractionData, progress: bool
 ) -> DiffusionRecommender:
-    """The cached pretrained base (memory, then disk), pretraining and caching it on first use."""
-    key = model_cache_key(preset.name, config, data)
-    directory = checkpoint_cache_dir() / key
-    complete = (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
-    if not complete:
-        from refit_gym.training.pretrain import pretrain
-
-        if preset.name == "synthetic":
-            logger.info("pretraining the %s base model (a few seconds); caching it in %s", preset.env_id, directory)
-        else:
-            logger.warning(
-                "no cached base model for %s: pretraining DiffRec on %s now (this takes minutes on a CPU); "
-                "it is cached in %s for next time",
-                preset.env_id,
-                data.name,
-                directory,
-            )
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=directory.parent))
-        try:
-            with torch.random.fork_rng(devices=[]), _torch_threads(1 if preset.name == "synthetic" else None):
-                pretrain(config, data, output_dir=staging, progress=progress, log=logger.info)
-            try:
-                os.replace(staging, directory)
-            except OSError:  # another process finished first: keep its copy
-                pass
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    """The cached pretrained base (disk cache of :func:`pretrained_checkpoint`), trained on first use."""
+    if preset.name != "synthetic":
+        logger.warning("%s: the pretrained DiffRec base is read from the cache, or trained now (minutes on a "
+                       "CPU) and cached for next time", preset.env_id)
+    with torch.random.fork_rng(devices=[]), _torch_threads(1 if preset.name == "synthetic" else None):
+        directory = pretrained_checkpoint(config, data, progress=progress, log=logger.info)
     model, _ = load_checkpoint(directory, data, device="cpu")
     return model
 

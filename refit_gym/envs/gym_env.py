@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import gymnasium as gym
-import numpy as np
 
 from refit_gym.envs.factory import build_env_parts
 from refit_gym.envs.rendering import render_rows

@@ -14,7 +14,7 @@ hidden from it for the reward to score (``held_out``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+
 
 import scipy.sparse as sp
 import torch
