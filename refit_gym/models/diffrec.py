@@ -59,20 +59,29 @@ class DiffRecMLP(nn.Module):
             nn.init.normal_(layer.weight, 0.0, (2.0 / (fan_in + fan_out)) ** 0.5)
             nn.init.normal_(layer.bias, 0.0, 0.001)
 
+    def time_bias(self, t: torch.Tensor) -> torch.Tensor:
+        """The time part of the first layer, ``W_e emb(t) + b``: ``(n_hidden,)`` when every row has
+        the same step (a reverse chain), else ``(B, n_hidden)``. Embeddings are computed once per
+        distinct step, not once per row."""
+        first = self.in_layers[0]
+        steps, inverse = torch.unique(t, return_inverse=True)
+        time = self.emb_layer(timestep_embedding(steps, self.time_emb_dim))
+        bias = F.linear(time, first.weight[:, self.n_items :], first.bias)
+        return bias[0] if len(steps) == 1 else bias[inverse]
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        time = self.emb_layer(timestep_embedding(t, self.time_emb_dim))
         if self.norm:
             x_t = F.normalize(x_t, dim=-1)
         x_t = self.drop(x_t)
         first = self.in_layers[0]
-        h = torch.tanh(
-            F.linear(x_t, first.weight[:, : self.n_items])
-            + F.linear(time, first.weight[:, self.n_items :], first.bias)
-        )
+        bias = self.time_bias(t)
+        weight = first.weight[:, : self.n_items]
+        h = torch.addmm(bias, x_t, weight.t()) if bias.dim() == 1 else torch.addmm(bias, x_t, weight.t(), beta=1.0)
+        h = torch.tanh_(h)
         for layer in self.in_layers[1:]:
-            h = torch.tanh(layer(h))
+            h = torch.tanh_(layer(h))
         for i, layer in enumerate(self.out_layers):
             h = layer(h)
             if i != len(self.out_layers) - 1:
-                h = torch.tanh(h)
+                h = torch.tanh_(h)
         return h
