@@ -5,8 +5,7 @@ What is SB3's and what is ours:
 * **env** — the library's SB3 adapter (:mod:`refit_gym.envs.sb3_vec_env`, SB3 ``VecEnv``
   semantics, ``SAME_STEP`` autoreset) over a :class:`~refit_gym.envs.vector_env.DenoisingVectorEnv`
   over the agent's *own* core (``n_envs = core.batch_size = users_per_batch * K``; the K
-  rollouts of a user are K envs). The vector front only builds a new core from a preset, so
-  :func:`vector_env_over` runs its constructor with the factory returning the existing core.
+  rollouts of a user are K envs), built with ``DenoisingVectorEnv.from_core``.
 * **users** — the adapter draws users itself when it resets, and SB3's ``learn`` never resets
   with options. Each :meth:`SB3PPOAgent.update` therefore resets the shared core itself with the
   batch's users (``np.repeat(users, K)``, the trainer's ``rng``), runs the untrained prefix of
@@ -52,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any, Optional
-from unittest import mock
 
 import numpy as np
 import torch
@@ -81,25 +79,14 @@ def _require_sb3():
         ) from error
 
 
-def vector_env_over(core: DenoisingMDP):
-    """A ``DenoisingVectorEnv`` in ``SAME_STEP`` mode over an existing core (the front's constructor,
-    with :func:`build_env_parts` answering the given core instead of building one)."""
+def sb3_vec_env_over(core: DenoisingMDP):
+    """The library's SB3 ``VecEnv`` adapter over ``core`` (a ``SAME_STEP`` vector env on the same core)."""
     from gymnasium.vector import AutoresetMode
 
-    from refit_gym.envs import vector_env
-    from refit_gym.envs.factory import EnvParts
-    from refit_gym.envs.presets import preset_for
+    from refit_gym.envs import sb3_vec_env
+    from refit_gym.envs.vector_env import DenoisingVectorEnv
 
-    parts = EnvParts(core=core, data=None, preset=preset_for("synthetic"))  # data / preset: rendering only
-    with mock.patch.object(vector_env, "build_env_parts", return_value=parts):
-        return vector_env.DenoisingVectorEnv(num_envs=core.batch_size, autoreset_mode=AutoresetMode.SAME_STEP)
-
-
-def sb3_vec_env_over(core: DenoisingMDP):
-    """The library's SB3 ``VecEnv`` adapter over ``core``."""
-    from refit_gym.envs.sb3_vec_env import _adapter_class
-
-    return _adapter_class()(vector_env_over(core))
+    return sb3_vec_env.sb3_vec_env_over(DenoisingVectorEnv.from_core(core, autoreset_mode=AutoresetMode.SAME_STEP))
 
 
 _CLASSES: Optional[dict[str, type]] = None

@@ -107,6 +107,13 @@ def _adapter_class() -> type:
     return _ADAPTER
 
 
+def sb3_vec_env_over(venv: DenoisingVectorEnv):
+    """The SB3 ``VecEnv`` adapter over an existing vector env in ``SAME_STEP`` mode."""
+    if venv.autoreset_mode != AutoresetMode.SAME_STEP:
+        raise ConfigError("the SB3 adapter needs a vector env in SAME_STEP autoreset mode (SB3's own semantics)")
+    return _adapter_class()(venv)
+
+
 def make_sb3_vec_env(env_id: str, num_envs: int = 1, **kwargs: Any):
     """A Stable-Baselines3 ``VecEnv`` of ``num_envs`` users over the batched core.
 

@@ -8,7 +8,9 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from refit_gym.envs.factory import build_env_parts
+from refit_gym.envs.core import DenoisingMDP
+from refit_gym.envs.factory import EnvParts, build_env_parts
+from refit_gym.envs.presets import preset_for
 from refit_gym.envs.rendering import render_rows
 from refit_gym.envs.spaces import (
     observation_to_numpy,
@@ -74,6 +76,7 @@ class DenoisingVectorEnv(VectorEnv):
         max_episode_steps: Optional[int] = None,
         render_mode: Optional[str] = None,
         render_top_k: int = 10,
+        parts: Optional[EnvParts] = None,
         **kwargs: Any,
     ) -> None:
         mode = _autoreset_mode(autoreset_mode)
@@ -82,7 +85,10 @@ class DenoisingVectorEnv(VectorEnv):
             raise ConfigError(f"render_mode must be None or one of {modes}, got {render_mode!r}")
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ConfigError(f"num_envs must be a positive integer, got {num_envs!r}")
-        parts = build_env_parts(preset, batch_size=int(num_envs), **kwargs)
+        if parts is None:
+            parts = build_env_parts(preset, batch_size=int(num_envs), **kwargs)
+        elif kwargs or parts.core.batch_size != num_envs:
+            raise ConfigError("with prebuilt parts, num_envs must equal the core's batch size and no env kwargs are accepted")
         self.core, self.data, self.preset = parts.core, parts.data, parts.preset
         if max_episode_steps is not None and (
             isinstance(max_episode_steps, bool)
@@ -103,6 +109,14 @@ class DenoisingVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._pending_reset = np.zeros(self.num_envs, dtype=bool)  # NEXT_STEP: rows to reset next step
+
+    @classmethod
+    def from_core(cls, core: DenoisingMDP, data=None, autoreset_mode: AutoresetMode | str = AutoresetMode.DISABLED,
+                  **front_kwargs: Any) -> "DenoisingVectorEnv":
+        """A vector env over an existing core (e.g. the one an agent's trainer built); ``num_envs``
+        is the core's batch size. ``data`` (optional) gives ``render()`` its item titles."""
+        parts = EnvParts(core=core, data=data, preset=preset_for("synthetic"))
+        return cls(num_envs=core.batch_size, autoreset_mode=autoreset_mode, parts=parts, **front_kwargs)
 
     @property
     def base_model(self):
