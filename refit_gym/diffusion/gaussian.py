@@ -211,15 +211,23 @@ class GaussianDiffusion(nn.Module):
         noise_steps: int = 0,
         **context,
     ) -> torch.Tensor:
-        """DiffRec's evaluation path: the deterministic posterior-mean chain over all T steps."""
+        """DiffRec's evaluation path: the deterministic posterior-mean chain over all T steps.
+
+        A denoiser may provide ``posterior_mean(x_t, t, coef1, coef2)`` (x0-prediction, no
+        context) to compute each step fused (:class:`~refit_gym.models.diffrec.DiffRecMLP` does).
+        """
         x_t = self.initial_state(x_start, noise_steps)
         if self.noise_scale == 0.0:  # DiffRec: no noise -> plain iterative denoiser
             for t in reversed(range(self.steps)):
                 x_t = denoiser(x_t, self.timestep_tensor(t, x_t.shape[0], x_t.device), **context)
             return x_t
         coef1, coef2 = self.posterior_mean_coef1.tolist(), self.posterior_mean_coef2.tolist()
+        fused = getattr(denoiser, "posterior_mean", None) if self.mean_type == "x0" and not context else None
         for t in reversed(range(self.steps)):
             step = self.timestep_tensor(t, x_t.shape[0], x_t.device)
+            if fused is not None:  # the denoiser computes c1 * x0 + c2 * x_t itself (fused output layer)
+                x_t = fused(x_t, step, coef1[t], coef2[t])
+                continue
             pred_x0 = self.predict_x0(denoiser(x_t, step, **context), x_t, t)
             # the posterior mean c1 * x0 + c2 * x_t in two passes over the batch, no temporaries
             # (a fresh x0 from the denoiser is scaled in place); same values as p_mean_variance
