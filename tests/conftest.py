@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from refit_gym.data import InteractionData, make_synthetic, resolve_data_dir
 
@@ -40,3 +41,40 @@ def real_data_dir(request: pytest.FixtureRequest) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return data_dir
+
+
+TINY_EXPERIMENT = {
+    "seed": 0,
+    "device": "cpu",
+    "model": {"dims": [32, 64]},
+    "diffusion": {"steps": 5},
+    "pretrain": {"batch_size": 100, "max_epochs": 20, "eval_every": 5, "min_epochs": 20},
+    "evaluation": {"ks": [10, 20]},
+}
+"""The experiment of the tiny pretrained base model the agent tests fine-tune."""
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> InteractionData:
+    """Synthetic data small enough for agents to train on in seconds (300 users x 120 items)."""
+    return make_synthetic(n_users=300, n_items=120, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_data, tmp_path_factory) -> Path:
+    """A checkpoint of a tiny DiffRec pretrained on :func:`tiny_data` (built once per session)."""
+    from refit_gym.config import config_from_dict
+    from refit_gym.training.pretrain import pretrain
+
+    output = tmp_path_factory.mktemp("tiny_base")
+    pretrain(config_from_dict(TINY_EXPERIMENT), tiny_data, output_dir=output, progress=False, log=lambda _: None)
+    return output
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny tensors: one intra-op thread is much faster than two contended ones on a 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

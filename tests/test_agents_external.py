@@ -38,22 +38,13 @@ from agents.rollout import collect_rollouts
 from agents.trainer import finetune
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
-from refit_gym.data.synthetic import make_synthetic
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.errors import ConfigError
 from refit_gym.evaluation.evaluator import evaluate
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import TrainingInteractions
-from refit_gym.training.pretrain import pretrain
 
-EXPERIMENT = {
-    "seed": 0,
-    "device": "cpu",
-    "model": {"dims": [32, 64]},
-    "diffusion": {"steps": 5},
-    "pretrain": {"batch_size": 100, "max_epochs": 20, "eval_every": 5, "min_epochs": 20},
-    "evaluation": {"ks": [10, 20]},
-}
+from conftest import TINY_EXPERIMENT as EXPERIMENT
 EXTERNAL_AGENTS = ("torchrl-ppo", "sb3-ppo")
 REWARD = {"loglik": {"weight": 1.0, "temperature": 0.5}}
 
@@ -63,24 +54,17 @@ def _needs(agent: str) -> None:
         pytest.importorskip("stable_baselines3")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def data():
-    return make_synthetic(n_users=300, n_items=120, seed=3)
+@pytest.fixture
+def data(tiny_data):
+    return tiny_data
 
 
-@pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory):
-    output = tmp_path_factory.mktemp("base")
-    pretrain(config_from_dict(EXPERIMENT), data, output_dir=output, progress=False, log=lambda _: None)
-    return output
+@pytest.fixture
+def pretrained(tiny_pretrained):
+    return tiny_pretrained
 
 
 def _setup(data, pretrained, agent: str, **overrides):

@@ -24,13 +24,7 @@ from refit_gym.rewards.base import TrainingInteractions
 N_USERS, N_ITEMS = 60, 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster than two contended ones on a 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

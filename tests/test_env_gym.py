@@ -21,12 +21,7 @@ SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
 NORMALISED_BOX_ADVICE = "we recommend using a symmetric and normalized space"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _ours(caught) -> list[str]:

@@ -23,12 +23,7 @@ IDS = ("ReFiT-Synthetic-v0", "ReFiT-ML1M-v0")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_ids_are_registered_with_both_entry_points():

@@ -8,7 +8,6 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 import refit_gym
 
@@ -20,12 +19,7 @@ from stable_baselines3.common.env_checker import check_env  # noqa: E402
 SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_sb3_check_env_passes_on_the_single_env():

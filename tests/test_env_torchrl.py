@@ -23,12 +23,7 @@ from refit_gym.errors import ActionError, EpisodeStateError
 SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 class UserValue(torch.nn.Module):

@@ -7,7 +7,6 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.vector import AutoresetMode
 
 import refit_gym  # noqa: F401  (registers the ids)
@@ -19,12 +18,7 @@ SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
 N_ITEMS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def actions_for(step: int, num_envs: int, n_items: int) -> np.ndarray:
