@@ -54,7 +54,7 @@ class Agent:
     def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
         """One update on a batch of distinct ``users``; returns the loss terms and diagnostics."""
         rollout = self.collect(users, rng, generator)
-        terms = self.loss(rollout)
+        terms = self.loss(rollout, generator)
         grad_norm = self.step(terms["loss"])
         return {**self.scalars(terms), "grad_norm": grad_norm, **self.diagnostics(rollout)}
 
@@ -63,8 +63,8 @@ class Agent:
         return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
                                 stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps)
 
-    def loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Named loss terms; ``"loss"`` is the total that is minimised."""
+    def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+        """Named loss terms; ``"loss"`` is the total that is minimised (``generator`` for any draw)."""
         raise NotImplementedError
 
     def step(self, loss: torch.Tensor) -> float:

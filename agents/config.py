@@ -46,6 +46,13 @@ class FinetuneConfig:
     anchor_weight: float = 1.0e-3
     """Weight of the anchor term."""
 
+    categorical_samples: int = 0
+    """``reinforce``: items sampled per rollout from a categorical last step softmax(x0 / tau)
+    (0 = off; the Gaussian steps alone carry the gradient)."""
+    categorical_reward: str = "importance"
+    """``reinforce``: reward of a sampled item: ``importance`` (1[held out] / (p |H|), whose
+    expected gradient is the exact log-likelihood's) or ``hit`` (1[held out])."""
+
     # --- policy and exploration ----------------------------------------------------------------
     log_std_init: float = -4.0
     """Initial exploration log-std of the Gaussian steps (DiffRec ML-1M's own is about -7)."""
@@ -102,6 +109,7 @@ CHOICES = {
     "anchor": ("l2", "kl", "none"),
     "std_mode": ("fixed", "learned", "scheduled"),
     "log_prob_reduction": ("sum", "mean"),
+    "categorical_reward": ("importance", "hit"),
 }
 
 
@@ -122,7 +130,7 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
         if not getattr(config, name) > 0:
             raise ConfigError(f"finetune.{name} must be > 0, got {getattr(config, name)!r}")
     for name in ("likelihood_weight", "pg_weight", "anchor_weight", "weight_decay", "max_grad_norm", "trained_steps",
-                 "exposed_steps"):
+                 "exposed_steps", "categorical_samples"):
         if getattr(config, name) < 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")
     if not 0 <= config.holdout_fraction < 1:

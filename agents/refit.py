@@ -21,6 +21,8 @@ Each term is a switch (its weight); see ``docs/finetuning.md`` for the measured 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from agents.base import Agent
@@ -30,7 +32,7 @@ from agents.rollout import Rollout, group_advantages
 class RefitAgent(Agent):
     name = "refit"
 
-    def loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         config = self.config
         zero = torch.zeros((), device=rollout.states.device)
         likelihood = self.likelihood_loss(rollout) if config.likelihood_weight > 0 else zero

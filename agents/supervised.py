@@ -8,6 +8,8 @@ only if it beats this on validation.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from agents.base import Agent
@@ -18,7 +20,7 @@ class SupervisedAgent(Agent):
     name = "supervised"
     collects_rollouts = False
 
-    def loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         likelihood = self.likelihood_loss(rollout)
         anchor = self.anchor_loss(rollout)
         return {
