@@ -14,6 +14,10 @@ no_collab      (c) the collaborative PG term switched off (pg_weight 0)
 random_holdout (e) random instead of chronological hold-out
 reinforce      pure policy gradient (reward: held-out log-likelihood), no likelihood term
 ppo            pure policy gradient with clipped ratios (DDPO-IS), same reward
+reinforce_categorical  pure policy gradient through a categorical last step with the
+               importance-weighted hit reward (expected gradient = the log-likelihood's)
+torchrl_ppo    TorchRL's ClipPPOLoss, same reward
+sb3_ppo        Stable-Baselines3 PPO, same reward
 =============  =========================================================================
 
 Every run writes its own folder under ``--output`` (skipped when its ``results.json`` exists, so
@@ -54,6 +58,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "random_holdout": {"holdout": "random"},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
+    "reinforce_categorical": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 64},
+    "torchrl_ppo": {"agent": "torchrl-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
+    "sb3_ppo": {"agent": "sb3-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
 }
 SHOWN = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 

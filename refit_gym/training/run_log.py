@@ -11,18 +11,27 @@ class CsvLogger:
     """Appends one row per call to ``path``; the header grows to the union of keys seen so far.
 
     Rows are kept in memory and the whole file is rewritten on each call (logs here are a few
-    hundred rows), so a late new column never misaligns earlier rows.
+    hundred rows), so a late new column never misaligns earlier rows. When TensorBoard is
+    installed (``pip install tensorboard``), numeric columns are also written as scalars to
+    ``<folder>/tensorboard``, stepped by the row's first column (``epoch`` or ``update``).
     """
 
-    def __init__(self, path: str | Path, resume: bool = False) -> None:
+    def __init__(self, path: str | Path, resume: bool = False, tensorboard: bool = True) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         if resume and self.path.is_file():
             with self.path.open(newline="") as handle:
                 self.rows = list(csv.DictReader(handle))
         self.fields: list[str] = list(self.rows[0].keys()) if self.rows else []
+        self.writer = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
 
     def log(self, row: dict[str, Any]) -> None:
+        if self.writer is not None:
+            step_key = next(iter(row))
+            for key, value in row.items():
+                if key != step_key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, int(row[step_key]))
+            self.writer.flush()
         self.rows.append(row)
         self.fields += [key for key in row if key not in self.fields]
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -31,6 +40,15 @@ class CsvLogger:
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
+
+
+def _tensorboard_writer(directory: Path):
+    """A ``SummaryWriter`` when TensorBoard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(directory))
 
 
 def plot_curves(
