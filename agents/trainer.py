@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agents import agent_class, build_agent
-from agents.config import finetune_config
+from agents.config import FinetuneConfig, finetune_config
 from agents.policy import DenoisingPolicy
 from refit_gym.checkpoint import load_checkpoint, package_versions, save_checkpoint, write_json_atomic
 from refit_gym.config import ExperimentConfig, resolve_device
@@ -71,6 +71,28 @@ class UserSampler:
         return users
 
 
+def build_learner(settings: FinetuneConfig, base: DiffusionRecommender, data: InteractionData,
+                  device: torch.device | str = "cpu"):
+    """The agent ``settings.agent`` over a fresh env core and a trainable copy of ``base``.
+
+    The core's batch is ``users_per_batch * rollouts_per_user`` (one row per rollout; agents that
+    do not collect rollouts get one row per user); the reward is bound to the training
+    interactions only.
+    """
+    interactions = TrainingInteractions.from_data(data)
+    group_size = settings.rollouts_per_user if agent_class(settings.agent).collects_rollouts else 1
+    core = DenoisingMDP(
+        base, build_reward(settings.reward, interactions, device), interactions,
+        batch_size=min(settings.users_per_batch, data.n_users) * group_size,
+        action_mode=settings.action_mode,
+        exposed_steps=min(settings.exposed_steps or base.diffusion.steps, base.diffusion.steps),
+        holdout=settings.holdout, holdout_fraction=settings.holdout_fraction, device=device,
+    )
+    policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
+                             settings.log_prob_reduction).to(device)
+    return build_agent(settings.agent, policy, core, base.denoiser, settings)
+
+
 def finetune(
     config: ExperimentConfig,
     data: InteractionData,
@@ -102,17 +124,8 @@ def finetune(
     output.mkdir(parents=True, exist_ok=True)
 
     base, _ = load_checkpoint(pretrained, data, device=device)
-    group_size = settings.rollouts_per_user if agent_class(settings.agent).collects_rollouts else 1
-    reward = build_reward(settings.reward, TrainingInteractions.from_data(data), device)
-    core = DenoisingMDP(
-        base, reward, TrainingInteractions.from_data(data),
-        batch_size=min(settings.users_per_batch, data.n_users) * group_size,
-        action_mode=settings.action_mode, exposed_steps=min(settings.exposed_steps or base.diffusion.steps, base.diffusion.steps),
-        holdout=settings.holdout, holdout_fraction=settings.holdout_fraction, device=device,
-    )
-    policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
-                             settings.log_prob_reduction).to(device)
-    learner = build_agent(settings.agent, policy, core, base.denoiser, settings)
+    learner = build_learner(settings, base, data, device)
+    policy, core = learner.policy, learner.core
     finetuned = DiffusionRecommender(policy.denoiser, base.diffusion, base.history, base.noise_steps, base.config)
     finetuned.model_name = base.model_name
     sampler = UserSampler(data.n_users, settings.users_per_batch)

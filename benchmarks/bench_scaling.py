@@ -24,33 +24,21 @@ import time
 import numpy as np
 import torch
 
-from agents import build_agent
 from agents.config import finetune_config
-from agents.policy import DenoisingPolicy
+from agents.trainer import build_learner
 from refit_gym.config import load_config
 from refit_gym.data import make_synthetic
-from refit_gym.envs.core import DenoisingMDP
 from refit_gym.models import build_model
-from refit_gym.rewards import build_reward
-from refit_gym.rewards.base import TrainingInteractions
 
 ML1M_USERS, ML1M_ITEMS = 5949, 2810
 
 
 def build(n_users: int, n_items: int, config) -> tuple:
     data = make_synthetic(n_users=n_users, n_items=n_items, density=0.03, seed=0)
-    settings = finetune_config(config.finetune)
     model = build_model(config.model, config.diffusion, data).eval()
-    interactions = TrainingInteractions.from_data(data)
     start = time.perf_counter()
-    reward = build_reward(settings.reward, interactions, "cpu")
-    bind_seconds = time.perf_counter() - start
-    core = DenoisingMDP(model, reward, interactions, batch_size=settings.users_per_batch * settings.rollouts_per_user,
-                        action_mode=settings.action_mode, holdout=settings.holdout,
-                        holdout_fraction=settings.holdout_fraction)
-    policy = DenoisingPolicy(model, settings.action_mode, settings.log_std_init, settings.std_mode, settings.log_prob_reduction)
-    agent = build_agent(settings.agent, policy, core, model.denoiser, settings)
-    return data, agent, bind_seconds
+    agent = build_learner(finetune_config(config.finetune), model, data)
+    return data, agent, time.perf_counter() - start  # building = mostly the collaborative reward's bind
 
 
 def time_updates(agent, n_users: int, updates: int, seed: int) -> list[float]:

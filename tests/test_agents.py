@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from agents import AGENTS, build_agent
+from agents import AGENTS
 from agents.config import finetune_config
-from agents.policy import DenoisingPolicy
 from agents.rollout import collect_rollouts, group_advantages
-from agents.trainer import finetune
+from agents.trainer import build_learner, finetune
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
-from refit_gym.envs.core import DenoisingMDP
 from refit_gym.errors import ConfigError
 from refit_gym.evaluation.evaluator import evaluate
-from refit_gym.rewards import build_reward
-from refit_gym.rewards.base import TrainingInteractions
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
 NATIVE_AGENTS = ("refit", "supervised", "reinforce", "ppo")
@@ -40,13 +36,8 @@ def _setup(data, pretrained, agent: str, **overrides):
     settings = finetune_config({"agent": agent, "users_per_batch": 32, "rollouts_per_user": 4,
                                 "exposed_steps": 2, "log_std_init": -2.0, **overrides})
     base, _ = load_checkpoint(pretrained, data)
-    interactions = TrainingInteractions.from_data(data)
-    reward = build_reward(settings.reward, interactions, "cpu")
-    group = settings.rollouts_per_user if agent != "supervised" else 1
-    core = DenoisingMDP(base, reward, interactions, batch_size=32 * group, action_mode=settings.action_mode,
-                        exposed_steps=settings.exposed_steps, holdout=settings.holdout)
-    policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode, settings.log_prob_reduction)
-    return build_agent(agent, policy, core, base.denoiser, settings), core
+    agent = build_learner(settings, base, data)
+    return agent, agent.core
 
 
 def _objective(agent, users, rng_seed=123) -> float:
