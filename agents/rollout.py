@@ -98,9 +98,11 @@ def collect_rollouts(
     for s in range(steps):
         states[s], remaining[s] = observation["x_t"], observation["t"]
         loc = policy.loc(observation["x_t"], observation["t"], **context)
-        action = policy.sample(loc, generator) if stochastic and s >= first_explored else loc
+        explored = stochastic and s >= first_explored
+        action = policy.sample(loc, generator) if explored else loc
         actions[s] = action
-        log_probs[s] = policy.log_prob(action, loc)
+        # the log-density of the mean itself is a constant: no pass over the batch for it
+        log_probs[s] = policy.log_prob(action, loc) if explored else policy.log_prob_of_mean(n_items)
         result = core.step(action)
         rewards[s] = result.reward
         observation = result.observation

@@ -158,3 +158,10 @@ def _likelihood_loss(agent, users):
                                torch.Generator().manual_seed(0), agent.group_size, stochastic=False)
     with torch.no_grad():
         return agent.likelihood_loss(rollout)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_log_prob_of_the_mean_is_the_density_at_the_mean(data, pretrained, reduction):
+    agent, _ = _setup(data, pretrained, "reinforce", log_prob_reduction=reduction)
+    loc = torch.randn(3, data.n_items)
+    torch.testing.assert_close(agent.policy.log_prob(loc, loc), agent.policy.log_prob_of_mean(data.n_items).expand(3))
