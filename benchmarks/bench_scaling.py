@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--updates", type=int, default=3, help="timed updates per size per round (after 1 warm-up)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the benchmark)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     config = load_config(args.config, {"device": "cpu"})
     factors = [0.1, 0.25, 0.5, 1.0] if args.quick else [1.0, 2.5, 5.0, 10.0]
