@@ -2,10 +2,9 @@
 
 What is TorchRL's and what is ours:
 
-* **env** — :class:`CoreTorchRLEnv`, a minimal ``EnvBase`` over the agent's *own* core (the one
-  the trainer built, ``batch_size = users * K``). The library's front
-  (:class:`refit_gym.envs.torchrl_env.DenoisingTorchRLEnv`) always builds a new core from a
-  preset and its ``_reset`` cannot be given the users of the batch, so it is not used here.
+* **env** — the library's TorchRL front over the agent's *own* core (the one the trainer built,
+  ``batch_size = users * K``): :meth:`refit_gym.envs.torchrl_env.DenoisingTorchRLEnv.from_core`,
+  with ``reset_users`` and ``rng`` set for each batch.
 * **actor** — TorchRL's ``ProbabilisticActor`` over a ``TensorDictModule`` whose ``loc`` is
   :meth:`agents.policy.DenoisingPolicy.loc` (the shared ``policy.denoiser``, trained in place)
   and whose ``scale`` is ``exp(policy.log_std)`` (fixed, learned or scheduled like every agent).
@@ -44,7 +43,7 @@ the geometric mean of the per-item ratios (DDPO clips it at 1e-4), and the surro
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+
 
 import numpy as np
 import torch
@@ -55,13 +54,12 @@ from agents.config import FinetuneConfig
 from agents.policy import DenoisingPolicy
 from agents.rollout import Rollout, group_advantages
 from refit_gym.envs.core import DenoisingMDP
+from refit_gym.envs.torchrl_env import DenoisingTorchRLEnv
 from refit_gym.errors import ConfigError
 
 try:
-    from tensordict import TensorDict, TensorDictBase
+    from tensordict import TensorDictBase
     from tensordict.nn import TensorDictModule
-    from torchrl.data import Bounded, Categorical, Composite, Unbounded
-    from torchrl.envs import EnvBase
     from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
     from torchrl.modules import IndependentNormal, ProbabilisticActor
     from torchrl.objectives import ClipPPOLoss
@@ -83,57 +81,6 @@ class PerDimNormal(IndependentNormal):
 
     def entropy(self) -> torch.Tensor:
         return super().entropy() / self.event_shape[-1]
-
-
-class CoreTorchRLEnv(EnvBase):
-    """A minimal TorchRL ``EnvBase`` over an existing :class:`DenoisingMDP` (``batch_size=[B]``).
-
-    Keys: ``x_t`` ``(B, n_items)``, ``t`` ``(B, 1)`` (remaining steps), ``user`` ``(B, 1)``, the
-    base model's context tensors, ``action`` ``(B, n_items)``, ``reward`` ``(B, 1)``,
-    ``done`` / ``terminated`` / ``truncated`` ``(B, 1)``. Set :attr:`users` (one id per row) and
-    :attr:`rng` (the trainer's generator; one draw per reset) before a rollout; the terminal
-    step's unweighted reward terms are left in :attr:`last_components`.
-    """
-
-    def __init__(self, core: DenoisingMDP) -> None:
-        super().__init__(device=core.device, batch_size=torch.Size([core.batch_size]))
-        self.core = core
-        self.users: Optional[np.ndarray] = None
-        self.rng = np.random.default_rng()
-        self.last_components: dict[str, torch.Tensor] = {}
-        batch, n, bound = core.batch_size, core.n_items, core.action_bound
-        entries = {
-            "x_t": Bounded(-bound, bound, shape=(batch, n), dtype=torch.float32, device=self.device),
-            "t": Bounded(0, core.exposed_steps, shape=(batch, 1), dtype=torch.int64, device=self.device),
-            "user": Bounded(0, core.n_users - 1, shape=(batch, 1), dtype=torch.int64, device=self.device),
-        }
-        for name, (shape, dtype) in sorted(core.context_spec.items()):
-            entries[name] = Unbounded(shape=(batch, *shape), dtype=dtype, device=self.device)
-        self.observation_spec = Composite(entries, shape=(batch,), device=self.device)
-        self.action_spec = Bounded(-bound, bound, shape=(batch, n), dtype=torch.float32, device=self.device)
-        self.reward_spec = Unbounded(shape=(batch, 1), dtype=torch.float32, device=self.device)
-        flag = lambda: Categorical(2, shape=(batch, 1), dtype=torch.bool, device=self.device)  # noqa: E731
-        self.done_spec = Composite(done=flag(), terminated=flag(), truncated=flag(), shape=(batch,), device=self.device)
-
-    def _flags(self, done: np.ndarray) -> dict[str, torch.Tensor]:
-        flag = torch.from_numpy(np.asarray(done, dtype=bool)).to(self.device).unsqueeze(1)
-        return {"done": flag, "terminated": flag.clone(), "truncated": torch.zeros_like(flag)}
-
-    def _reset(self, tensordict: Optional[TensorDictBase] = None, **kwargs: Any) -> TensorDictBase:
-        mask = None
-        if tensordict is not None and "_reset" in tensordict.keys():
-            mask = tensordict.get("_reset").reshape(-1).cpu().numpy()
-        observation = self.core.reset(self.rng, users=self.users, mask=mask)
-        return TensorDict({**observation, **self._flags(self.core.t == 0)}, batch_size=self.batch_size, device=self.device)
-
-    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        result = self.core.step(tensordict.get("action"))
-        self.last_components = result.components
-        out = {**result.observation, **self._flags(result.terminated), "reward": result.reward.unsqueeze(1)}
-        return TensorDict(out, batch_size=self.batch_size, device=self.device)
-
-    def _set_seed(self, seed: Optional[int]) -> None:
-        self.rng = np.random.default_rng(seed)
 
 
 class _LocScale(nn.Module):
@@ -170,7 +117,7 @@ class TorchRLPPOAgent(Agent):
                 f"the policy's log_prob_reduction {policy.log_prob_reduction!r} differs from the config's "
                 f"{config.log_prob_reduction!r}"
             )
-        self.env = CoreTorchRLEnv(core)
+        self.env = DenoisingTorchRLEnv.from_core(core)
         self.context_keys = tuple(sorted(core.context_spec))
         module = TensorDictModule(_LocScale(policy, self.context_keys), in_keys=["x_t", "t", *self.context_keys],
                                   out_keys=["loc", "scale"])
@@ -190,7 +137,7 @@ class TorchRLPPOAgent(Agent):
         rows = np.repeat(np.asarray(users, dtype=np.int64), self.group_size)
         if len(rows) != self.core.batch_size:
             raise ConfigError(f"{len(users)} users x {self.group_size} rollouts != the core's batch of {self.core.batch_size}")
-        self.env.users, self.env.rng = rows, rng
+        self.env.reset_users, self.env.rng = rows, rng
         steps = self.core.exposed_steps
         explored = min(self.config.trained_steps or steps, steps)
         parts = []
@@ -210,7 +157,7 @@ class TorchRLPPOAgent(Agent):
         return Rollout(
             states=move(td["x_t"]), remaining=move(td["t"]), actions=move(td["action"]),
             log_probs=move(td[self.log_prob_key]), rewards=move(td["next", "reward"].squeeze(-1)),
-            components={k: v.clone() for k, v in self.env.last_components.items()},
+            components={k: v.clone() for k, v in td["next", "reward_terms"][:, -1].items()},
             final_state=td["next", "x_t"][:, -1], episode=self.core.episode(),
             context={k: td[k][:, 0] for k in self.context_keys}, group_size=self.group_size,
         )

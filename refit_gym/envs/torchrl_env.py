@@ -10,7 +10,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from refit_gym.envs.factory import build_env_parts
+from refit_gym.envs.core import DenoisingMDP
+from refit_gym.envs.factory import EnvParts, build_env_parts
 from refit_gym.envs.presets import preset_for
 from refit_gym.errors import ConfigError
 
@@ -43,16 +44,28 @@ class DenoisingTorchRLEnv(EnvBase):
         **kwargs: the chain, reward and data arguments of :func:`~refit_gym.envs.factory.build_env_parts`.
     """
 
-    def __init__(self, preset: str = "synthetic", num_envs: int = 1, device: Any = "cpu", **kwargs: Any) -> None:
+    def __init__(self, preset: str = "synthetic", num_envs: int = 1, device: Any = "cpu",
+                 parts: Optional[EnvParts] = None, **kwargs: Any) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ConfigError(f"num_envs must be a positive integer, got {num_envs!r}")
-        parts = build_env_parts(preset, batch_size=int(num_envs), device=device, **kwargs)
+        if parts is None:
+            parts = build_env_parts(preset, batch_size=int(num_envs), device=device, **kwargs)
+        elif kwargs or parts.core.batch_size != num_envs:
+            raise ConfigError("with prebuilt parts, num_envs must equal the core's batch size and no env kwargs are accepted")
         super().__init__(device=parts.core.device, batch_size=torch.Size([int(num_envs)]))
         self.core, self.data, self.preset = parts.core, parts.data, parts.preset
         self.num_envs = int(num_envs)
-        self._rng = np.random.default_rng()
+        self.rng = np.random.default_rng()
+        """The generator the episode seeds are drawn from (``set_seed`` replaces it)."""
+        self.reset_users: Optional[np.ndarray] = None
+        """User ids (one per row) of the next full reset; None draws them."""
         self._term_names = self._reward_term_names()
         self._make_specs()
+
+    @classmethod
+    def from_core(cls, core: DenoisingMDP, data=None) -> "DenoisingTorchRLEnv":
+        """A TorchRL env over an existing core (e.g. the one an agent's trainer built)."""
+        return cls(num_envs=core.batch_size, parts=EnvParts(core=core, data=data, preset=preset_for("synthetic")))
 
     @property
     def base_model(self):
@@ -104,7 +117,8 @@ class DenoisingTorchRLEnv(EnvBase):
         mask = None
         if tensordict is not None and "_reset" in tensordict.keys():
             mask = tensordict.get("_reset").reshape(-1).to("cpu").numpy()
-        observation = self.core.reset(self._rng, mask=mask)
+        users = self.reset_users if mask is None or bool(np.all(mask)) else None
+        observation = self.core.reset(self.rng, users=users, mask=mask)
         return TensorDict(self._output(observation, {}), batch_size=self.batch_size, device=self.device)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -114,7 +128,7 @@ class DenoisingTorchRLEnv(EnvBase):
         return TensorDict(out, batch_size=self.batch_size, device=self.device)
 
     def _set_seed(self, seed: Optional[int]) -> None:
-        self._rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
 
 
 def make_torchrl_env(env_id: str, num_envs: int = 1, device: Any = "cpu", **kwargs: Any) -> DenoisingTorchRLEnv:
