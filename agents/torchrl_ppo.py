@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 
-
 import numpy as np
 import torch
 import torch.nn as nn
