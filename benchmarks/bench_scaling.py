@@ -63,14 +63,16 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3, help="timed updates per size per round (after 1 warm-up)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the benchmark)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--axes", default="users,items", help="which sizes to vary: users, items or both")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     config = load_config(args.config, {"device": "cpu"})
     factors = [0.1, 0.25, 0.5, 1.0] if args.quick else [1.0, 2.5, 5.0, 10.0]
-    cases = [("users", int(ML1M_USERS * f), ML1M_ITEMS) for f in factors]
-    cases += [("items", ML1M_USERS, int(ML1M_ITEMS * f)) for f in factors]
+    axes = args.axes.split(",")
+    cases = [("users", int(ML1M_USERS * f), ML1M_ITEMS) for f in factors] if "users" in axes else []
+    cases += [("items", ML1M_USERS, int(ML1M_ITEMS * f)) for f in factors] if "items" in axes else []
     built, binds, times = {}, {}, {case: [] for case in cases}
     for case in cases:
         _, n_users, n_items = case
@@ -86,7 +88,7 @@ def main() -> None:
             times[case] += time_updates(agent, data.n_users, args.updates, seed=round_)
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     report = {"threads": torch.get_num_threads(), "users_per_update": 128 * 4, "steps": config.diffusion.steps}
-    for axis in ("users", "items"):
+    for axis in axes:
         rows = [(case, statistics.median(times[case])) for case in cases if case[0] == axis]
         shapes = [built[case[1:]][0] for case, _ in rows]
         sizes = [data.n_users if axis == "users" else data.n_items for data in shapes]
