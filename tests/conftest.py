@@ -71,6 +71,18 @@ def tiny_pretrained(tiny_data, tmp_path_factory) -> Path:
     return output
 
 
+def build_tiny_learner(data, pretrained, agent: str, **overrides):
+    """``(agent, base model)``: an agent over the tiny pretrained base, small batches (32 users x 4)."""
+    from agents.config import finetune_config
+    from agents.trainer import build_learner
+    from refit_gym.checkpoint import load_checkpoint
+
+    settings = finetune_config({"agent": agent, "users_per_batch": 32, "rollouts_per_user": 4,
+                                "exposed_steps": 2, "log_std_init": -2.0, **overrides})
+    base, _ = load_checkpoint(pretrained, data)
+    return build_learner(settings, base, data), base
+
+
 @pytest.fixture(scope="module")
 def single_torch_thread():
     """Tiny tensors: one intra-op thread is much faster than two contended ones on a 2-core CI box."""

@@ -11,33 +11,18 @@ import torch
 from agents import AGENTS
 from agents.config import finetune_config
 from agents.rollout import collect_rollouts, group_advantages
-from agents.trainer import build_learner, finetune
+from agents.trainer import finetune
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
 from refit_gym.errors import ConfigError
 from refit_gym.evaluation.evaluator import evaluate
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
+from conftest import build_tiny_learner as _setup
 NATIVE_AGENTS = ("refit", "supervised", "reinforce", "ppo")
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture
-def data(tiny_data):
-    return tiny_data
-
-
-@pytest.fixture
-def pretrained(tiny_pretrained):
-    return tiny_pretrained
-
-
-def _setup(data, pretrained, agent: str, **overrides):
-    settings = finetune_config({"agent": agent, "users_per_batch": 32, "rollouts_per_user": 4,
-                                "exposed_steps": 2, "log_std_init": -2.0, **overrides})
-    base, _ = load_checkpoint(pretrained, data)
-    agent = build_learner(settings, base, data)
-    return agent, agent.core
 
 
 def _objective(agent, users, rng_seed=123) -> float:
@@ -52,9 +37,9 @@ def _objective(agent, users, rng_seed=123) -> float:
 
 
 @pytest.mark.parametrize("agent_name", NATIVE_AGENTS)
-def test_each_agent_improves_its_own_objective(data, pretrained, agent_name):
+def test_each_agent_improves_its_own_objective(tiny_data, tiny_pretrained, agent_name):
     reward = {"loglik": {"weight": 1.0, "temperature": 0.5}}
-    agent, _ = _setup(data, pretrained, agent_name, lr=3e-3, reward=reward, anchor="none",
+    agent, _ = _setup(tiny_data, tiny_pretrained, agent_name, lr=3e-3, reward=reward, anchor="none",
                       log_prob_reduction="mean" if agent_name == "ppo" else "sum", inner_epochs=2)
     users = np.arange(32)
     before = _objective(agent, users)
@@ -74,14 +59,14 @@ def test_group_advantages_are_normalised_within_each_user():
     assert group_advantages(torch.tensor([0.0, 100.0]), 1, clip=0.5).abs().max() == 0.5
 
 
-def test_rollout_log_probs_match_the_policy(data, pretrained):
-    agent, _ = _setup(data, pretrained, "reinforce")
+def test_rollout_log_probs_match_the_policy(tiny_data, tiny_pretrained):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce")
     rows = np.repeat(np.arange(32), 4)
     rollout = collect_rollouts(agent.core, agent.policy, rows, np.random.default_rng(0), torch.Generator().manual_seed(0), 4)
     with torch.no_grad():
         recomputed = agent.step_log_probs(rollout, list(range(rollout.n_steps)))
     torch.testing.assert_close(recomputed, rollout.log_probs)
-    assert rollout.states.shape == (2, 128, data.n_items)
+    assert rollout.states.shape == (2, 128, tiny_data.n_items)
 
 
 def test_unknown_agents_and_options_are_named():
@@ -104,20 +89,20 @@ def _experiment(**finetune):
                                                         "time_budget_s": None, "lr": 1e-3, **finetune}})
 
 
-def test_finetuned_checkpoint_loads_and_evaluates_like_the_run(data, pretrained, tmp_path):
-    result = finetune(_experiment(), data, pretrained, tmp_path / "ft", progress=False, log=lambda _: None)
-    model, _ = load_checkpoint(tmp_path / "ft", data)
-    metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20)).metrics
+def test_finetuned_checkpoint_loads_and_evaluates_like_the_run(tiny_data, tiny_pretrained, tmp_path):
+    result = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "ft", progress=False, log=lambda _: None)
+    model, _ = load_checkpoint(tmp_path / "ft", tiny_data)
+    metrics = evaluate(model, tiny_data, splits=("valid", "test"), ks=(10, 20)).metrics
     assert metrics["valid"]["recall@20"] == pytest.approx(result.best_metrics["valid"]["recall@20"], abs=1e-7)
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["seed"] == 0 and results["agent"] == "refit" and "torch" in results["versions"]
     assert (tmp_path / "ft" / "log.csv").is_file() and (tmp_path / "ft" / "curves.png").is_file()
 
 
-def test_resume_continues_to_the_same_result(data, pretrained, tmp_path):
-    full = finetune(_experiment(), data, pretrained, tmp_path / "full", progress=False, log=lambda _: None)
-    finetune(_experiment(max_updates=6), data, pretrained, tmp_path / "cut", progress=False, log=lambda _: None)
-    resumed = finetune(_experiment(), data, pretrained, tmp_path / "cut", resume=True, progress=False, log=lambda _: None)
+def test_resume_continues_to_the_same_result(tiny_data, tiny_pretrained, tmp_path):
+    full = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "full", progress=False, log=lambda _: None)
+    finetune(_experiment(max_updates=6), tiny_data, tiny_pretrained, tmp_path / "cut", progress=False, log=lambda _: None)
+    resumed = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", resume=True, progress=False, log=lambda _: None)
     assert resumed.updates == full.updates == 9
     for a, b in zip(full.model.denoiser.parameters(), resumed.model.denoiser.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -142,8 +127,8 @@ def test_importance_weighted_categorical_gradient_is_the_exact_log_likelihood_gr
     torch.testing.assert_close(estimate, exact, atol=0.01, rtol=0.05)
 
 
-def test_reinforce_with_a_categorical_last_step_improves_the_likelihood(data, pretrained):
-    agent, _ = _setup(data, pretrained, "reinforce", lr=3e-3, pg_weight=0.0, anchor="none", categorical_samples=32)
+def test_reinforce_with_a_categorical_last_step_improves_the_likelihood(tiny_data, tiny_pretrained):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce", lr=3e-3, pg_weight=0.0, anchor="none", categorical_samples=32)
     users = np.arange(32)
     before = -float(_likelihood_loss(agent, users))
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
@@ -161,7 +146,7 @@ def _likelihood_loss(agent, users):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_log_prob_of_the_mean_is_the_density_at_the_mean(data, pretrained, reduction):
-    agent, _ = _setup(data, pretrained, "reinforce", log_prob_reduction=reduction)
-    loc = torch.randn(3, data.n_items)
-    torch.testing.assert_close(agent.policy.log_prob(loc, loc), agent.policy.log_prob_of_mean(data.n_items).expand(3))
+def test_log_prob_of_the_mean_is_the_density_at_the_mean(tiny_data, tiny_pretrained, reduction):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce", log_prob_reduction=reduction)
+    loc = torch.randn(3, tiny_data.n_items)
+    torch.testing.assert_close(agent.policy.log_prob(loc, loc), agent.policy.log_prob_of_mean(tiny_data.n_items).expand(3))

@@ -31,15 +31,15 @@ import numpy as np
 import pytest
 import torch
 
-from agents.config import finetune_config
 from agents.rollout import collect_rollouts
-from agents.trainer import build_learner, finetune
+from agents.trainer import finetune
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
 from refit_gym.errors import ConfigError
 from refit_gym.evaluation.evaluator import evaluate
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
+from conftest import build_tiny_learner as _setup
 EXTERNAL_AGENTS = ("torchrl-ppo", "sb3-ppo")
 REWARD = {"loglik": {"weight": 1.0, "temperature": 0.5}}
 
@@ -52,21 +52,6 @@ def _needs(agent: str) -> None:
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture
-def data(tiny_data):
-    return tiny_data
-
-
-@pytest.fixture
-def pretrained(tiny_pretrained):
-    return tiny_pretrained
-
-
-def _setup(data, pretrained, agent: str, **overrides):
-    settings = finetune_config({"agent": agent, "users_per_batch": 32, "rollouts_per_user": 4,
-                                "exposed_steps": 2, "log_std_init": -2.0, **overrides})
-    base, _ = load_checkpoint(pretrained, data)
-    return build_learner(settings, base, data), base
 
 
 def _objective(agent, users, rng_seed=123) -> float:
@@ -77,18 +62,18 @@ def _objective(agent, users, rng_seed=123) -> float:
     return float(rollout.rewards.sum(0).mean())
 
 
-def test_the_torchrl_env_over_the_agents_core_passes_check_env_specs(data, pretrained):
+def test_the_torchrl_env_over_the_agents_core_passes_check_env_specs(tiny_data, tiny_pretrained):
     from torchrl.envs.utils import check_env_specs
 
-    agent, _ = _setup(data, pretrained, "torchrl-ppo")
+    agent, _ = _setup(tiny_data, tiny_pretrained, "torchrl-ppo")
     assert agent.env.core is agent.core and agent.env.batch_size == torch.Size([128])
     check_env_specs(agent.env, seed=0)
 
 
 @pytest.mark.parametrize("agent_name", EXTERNAL_AGENTS)
-def test_agent_trains_the_shared_denoiser_in_place_and_improves_its_reward(data, pretrained, agent_name):
+def test_agent_trains_the_shared_denoiser_in_place_and_improves_its_reward(tiny_data, tiny_pretrained, agent_name):
     _needs(agent_name)
-    agent, _ = _setup(data, pretrained, agent_name, lr=3e-3, reward=REWARD, anchor="none",
+    agent, _ = _setup(tiny_data, tiny_pretrained, agent_name, lr=3e-3, reward=REWARD, anchor="none",
                       log_prob_reduction="mean", inner_epochs=2)
     denoiser = agent.policy.denoiser
     weights = [p.detach().clone() for p in denoiser.parameters()]
@@ -109,8 +94,8 @@ def test_agent_trains_the_shared_denoiser_in_place_and_improves_its_reward(data,
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_torchrl_log_probs_follow_the_configured_reduction(data, pretrained, reduction):
-    agent, _ = _setup(data, pretrained, "torchrl-ppo", log_prob_reduction=reduction)
+def test_torchrl_log_probs_follow_the_configured_reduction(tiny_data, tiny_pretrained, reduction):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "torchrl-ppo", log_prob_reduction=reduction)
     td = agent.collect_tensordict(np.arange(32), np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert td.shape == (128, 2)
     with torch.no_grad():
@@ -118,11 +103,11 @@ def test_torchrl_log_probs_follow_the_configured_reduction(data, pretrained, red
     torch.testing.assert_close(td[agent.log_prob_key], expected, rtol=1e-5, atol=1e-4)
 
 
-def test_summed_log_probs_make_torchrl_ratios_leave_the_clip_range(data, pretrained):
+def test_summed_log_probs_make_torchrl_ratios_leave_the_clip_range(tiny_data, tiny_pretrained):
     """The documented convention issue: same lr, the summed 120-dim log-prob clips far more."""
     fractions = {}
     for reduction in ("mean", "sum"):
-        agent, _ = _setup(data, pretrained, "torchrl-ppo", lr=3e-3, anchor="none", log_prob_reduction=reduction,
+        agent, _ = _setup(tiny_data, tiny_pretrained, "torchrl-ppo", lr=3e-3, anchor="none", log_prob_reduction=reduction,
                           inner_epochs=2)
         rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
         fractions[reduction] = np.mean([agent.update(np.arange(32), rng, generator)["clip_fraction"] for _ in range(3)])
@@ -130,11 +115,11 @@ def test_summed_log_probs_make_torchrl_ratios_leave_the_clip_range(data, pretrai
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_sb3_policy_keeps_the_pretrained_weights_and_the_log_prob_convention(data, pretrained, reduction):
+def test_sb3_policy_keeps_the_pretrained_weights_and_the_log_prob_convention(tiny_data, tiny_pretrained, reduction):
     pytest.importorskip("stable_baselines3")
     from stable_baselines3.common.utils import obs_as_tensor
 
-    agent, base = _setup(data, pretrained, "sb3-ppo", log_prob_reduction=reduction)
+    agent, base = _setup(tiny_data, tiny_pretrained, "sb3-ppo", log_prob_reduction=reduction)
     sb3_policy = agent.model.policy
     for p, p0 in zip(agent.policy.denoiser.parameters(), base.denoiser.parameters()):
         assert torch.equal(p, p0)  # ortho_init=False: construction left the pretrained weights alone
@@ -152,7 +137,7 @@ def test_sb3_policy_keeps_the_pretrained_weights_and_the_log_prob_convention(dat
     torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_sb3_ppo_without_stable_baselines3_names_the_extra(data, pretrained, monkeypatch):
+def test_sb3_ppo_without_stable_baselines3_names_the_extra(tiny_data, tiny_pretrained, monkeypatch):
     import agents.sb3_ppo as sb3_ppo
 
     real_import = builtins.__import__
@@ -165,7 +150,7 @@ def test_sb3_ppo_without_stable_baselines3_names_the_extra(data, pretrained, mon
     monkeypatch.setattr(builtins, "__import__", no_sb3)
     monkeypatch.setattr(sb3_ppo, "_CLASSES", None)
     with pytest.raises(ConfigError, match=r"refit-gym\[sb3\]") as error:
-        _setup(data, pretrained, "sb3-ppo")
+        _setup(tiny_data, tiny_pretrained, "sb3-ppo")
     assert isinstance(error.value, ImportError)
 
 
@@ -176,21 +161,21 @@ def _experiment(**finetune_section):
 
 
 @pytest.mark.parametrize("agent_name", EXTERNAL_AGENTS)
-def test_agent_runs_through_the_trainer_and_resumes_to_the_same_result(data, pretrained, tmp_path, agent_name):
+def test_agent_runs_through_the_trainer_and_resumes_to_the_same_result(tiny_data, tiny_pretrained, tmp_path, agent_name):
     _needs(agent_name)
     quiet = {"progress": False, "log": lambda _: None}
-    full = finetune(_experiment(), data, pretrained, tmp_path / "full", agent=agent_name, **quiet)
+    full = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "full", agent=agent_name, **quiet)
     assert full.updates == 9
     results = json.loads((tmp_path / "full" / "results.json").read_text())
     assert results["agent"] == agent_name
     rows = [row for row in full.history if int(row["update"]) > 0]
     assert rows and all(np.isfinite(float(row["grad_norm"])) for row in rows)
-    model, _ = load_checkpoint(tmp_path / "full", data)
-    metrics = evaluate(model, data, splits=("valid",), ks=(20,)).metrics
+    model, _ = load_checkpoint(tmp_path / "full", tiny_data)
+    metrics = evaluate(model, tiny_data, splits=("valid",), ks=(20,)).metrics
     assert metrics["valid"]["recall@20"] == pytest.approx(full.best_metrics["valid"]["recall@20"], abs=1e-7)
 
-    finetune(_experiment(max_updates=6), data, pretrained, tmp_path / "cut", agent=agent_name, **quiet)
-    resumed = finetune(_experiment(), data, pretrained, tmp_path / "cut", agent=agent_name, resume=True, **quiet)
+    finetune(_experiment(max_updates=6), tiny_data, tiny_pretrained, tmp_path / "cut", agent=agent_name, **quiet)
+    resumed = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", agent=agent_name, resume=True, **quiet)
     assert resumed.updates == 9
     final_full = (tmp_path / "full" / "trainer_state" / "weights.safetensors").read_bytes()
     final_resumed = (tmp_path / "cut" / "trainer_state" / "weights.safetensors").read_bytes()
