@@ -84,3 +84,15 @@ def find_dataset(name_or_path: PathLike, data_dir: Optional[PathLike] = None) ->
         f"Point refit-gym at the folder holding the datasets with ${DATA_DIR_ENV_VAR}=DIR or "
         f"--data DIR, or fetch MovieLens-1M with `refit-gym download ml-1m`."
     )
+
+
+def read_text(path: Path, encoding: str = "latin-1") -> str:
+    """A data file's text; a missing, unreadable or folder path raises :class:`DataError` naming it."""
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: file not found") from error
+    except IsADirectoryError as error:
+        raise DataError(f"{path}: is a folder, expected a file") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error})") from error

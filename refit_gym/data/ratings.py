@@ -18,6 +18,7 @@ import numpy as np
 
 from refit_gym.data.assemble import interaction_data_from_split
 from refit_gym.data.interactions import InteractionData
+from refit_gym.data.paths import read_text
 from refit_gym.data.splitting import DEFAULT_SPLIT_RATIOS, chronological_split
 from refit_gym.data.titles import find_movies_file, read_movielens_titles, titles_in_order
 from refit_gym.errors import ConfigError, DataError
@@ -166,14 +167,7 @@ def read_ratings_table(path: Path, file_format: Optional[str] = None) -> Ratings
         raise ConfigError(
             f"unknown ratings file format {file_format!r}; expected one of {RATINGS_FILE_FORMATS}"
         )
-    try:
-        text = path.read_text(encoding="latin-1")
-    except FileNotFoundError as error:
-        raise DataError(f"{path}: file not found") from error
-    except IsADirectoryError as error:
-        raise DataError(f"{path}: is a folder, expected a ratings file") from error
-    except OSError as error:
-        raise DataError(f"{path}: cannot read the file ({error})") from error
+    text = read_text(path)
     first_line = next((line for line in text.splitlines() if line.strip()), None)
     if first_line is None:
         raise DataError(f"{path}: the file is empty")

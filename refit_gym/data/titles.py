@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from refit_gym.data.paths import read_text
 from refit_gym.errors import DataError
 
 MOVIES_FILE_NAME = "movies.dat"
@@ -25,12 +26,7 @@ def read_movielens_titles(path: Union[str, os.PathLike]) -> dict[int, str]:
         DataError: the file is missing or a line is malformed (file, line number, content).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="latin-1")
-    except FileNotFoundError as error:
-        raise DataError(f"{path}: file not found") from error
-    except OSError as error:
-        raise DataError(f"{path}: cannot read the file ({error})") from error
+    text = read_text(path)
     titles: dict[int, str] = {}
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
