@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from refit_gym.config import load_config
+from refit_gym.runtime import tune_cpu_runtime
 from refit_gym.data import load_dataset
 from refit_gym.evaluation.evaluator import evaluate
 from refit_gym.models import build_model
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true", help="skip the slow official-style reference")
     parser.add_argument("--pretrain", action="store_true", help="also time pretraining to the best epoch")
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
+    tune_cpu_runtime()
 
     config = load_config(args.config, {"device": "cpu"})
     data = load_dataset(args.data or config.data.dataset)

@@ -11,13 +11,14 @@ ML-1M's 2,810) and for items (users fixed at ML-1M's 5,949); the goal is <= 1.1 
 collaborative reward's one-off neighbour cache (bind) is timed separately: it is not part of an
 update. Usage::
 
-    python benchmarks/bench_scaling.py [--rounds 3] [--updates 3] [--quick]
+    python benchmarks/bench_scaling.py [--rounds 3] [--updates 3] [--quick] [--axes items] [--no-heap-allocator]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -27,6 +28,7 @@ import torch
 from agents.config import finetune_config
 from agents.trainer import build_learner
 from refit_gym.config import load_config
+from refit_gym.runtime import tune_cpu_runtime
 from refit_gym.data import make_synthetic
 from refit_gym.models import build_model
 
@@ -64,10 +66,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the benchmark)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--axes", default="users,items", help="which sizes to vary: users, items or both")
+    parser.add_argument("--no-heap-allocator", action="store_true",
+                        help="keep glibc's default mmap policy for large tensors (see refit_gym/runtime.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    runtime = tune_cpu_runtime(heap_allocator=not args.no_heap_allocator)
     config = load_config(args.config, {"device": "cpu"})
     factors = [0.1, 0.25, 0.5, 1.0] if args.quick else [1.0, 2.5, 5.0, 10.0]
     axes = args.axes.split(",")
@@ -87,7 +91,8 @@ def main() -> None:
             data, agent = built[case[1:]]
             times[case] += time_updates(agent, data.n_users, args.updates, seed=round_)
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
-    report = {"threads": torch.get_num_threads(), "users_per_update": 128 * 4, "steps": config.diffusion.steps}
+    report = {"threads": torch.get_num_threads(), "users_per_update": 128 * 4, "steps": config.diffusion.steps,
+              "runtime": runtime, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     for axis in axes:
         rows = [(case, statistics.median(times[case])) for case in cases if case[0] == axis]
         shapes = [built[case[1:]][0] for case, _ in rows]

@@ -46,6 +46,7 @@ from refit_gym.config import load_config
 from refit_gym.data import load_dataset
 from refit_gym.evaluation.evaluator import evaluate
 from refit_gym.evaluation.metrics import ranking_metrics
+from refit_gym.runtime import tune_cpu_runtime
 from refit_gym.training.pretrain import pretrain
 
 PG_REWARD = {"loglik": {"weight": 1.0, "temperature": 0.1}}
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--single-seed-runs", default="", help="runs done with the first seed only")
     parser.add_argument("--compile-only", action="store_true", help="train nothing: tabulate the finished runs in --output")
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
+    tune_cpu_runtime()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     config = load_config(args.config)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 
 from refit_gym.errors import RefitGymError
+from refit_gym.runtime import tune_cpu_runtime
 
 
 def _log(message: str) -> None:
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_flush_denormal(True)  # denormals (|x| < 1e-38) slow CPU chains; flushing them to 0 changes no reported digit
+    tune_cpu_runtime()  # flush denormals, keep large tensors on the heap (see refit_gym/runtime.py)
     try:
         return args.handler(args)
     except RefitGymError as error:

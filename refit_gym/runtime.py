@@ -1,0 +1,52 @@
+"""Process-wide CPU settings for long training and evaluation runs (the CLI and benchmarks apply them).
+
+Two settings, both measured on this project's workloads (see ``docs/finetuning.md``, "Scaling"):
+
+* **Flush denormals.** Scores decaying towards 0 along a chain pass through denormal floats
+  (|x| < 1e-38), which are very slow on x86 CPUs; flushing them to 0 changes no reported digit.
+* **Keep large tensors on the heap (glibc only).** glibc serves every allocation above 32 MB with
+  a fresh ``mmap`` and returns it with ``munmap`` when freed, so every large temporary is
+  page-faulted in again, page by page, each time it is created. A (512 rows x 28k items) float
+  tensor is 57 MB: at 10x ML-1M's item count the page faults alone doubled the time of a
+  fine-tuning update. ``mallopt`` is told to serve large blocks from the heap and to keep freed
+  memory for reuse (the same policy as PyTorch's CUDA caching allocator); the cost is that the
+  process keeps its peak resident memory until it exits.
+
+Set ``REFIT_GYM_HEAP_ALLOCATOR=0`` to keep glibc's default allocator policy (the benchmarks take
+``--no-heap-allocator`` to measure the difference side by side).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+import torch
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_KEEP_FREED_BYTES = 2**31 - 1  # mallopt takes a C int: give freed heap memory back only above 2 GiB
+
+
+def use_heap_for_large_tensors() -> bool:
+    """Ask glibc's allocator to serve large blocks from the heap and to keep freed memory.
+
+    Returns whether the setting took effect (False on a non-glibc platform, where it is a no-op).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
+def tune_cpu_runtime(heap_allocator: bool | None = None) -> dict[str, bool]:
+    """Apply the settings above; ``heap_allocator=None`` reads ``REFIT_GYM_HEAP_ALLOCATOR`` (default on).
+
+    Returns what was applied, for logs and benchmark reports.
+    """
+    torch.set_flush_denormal(True)
+    if heap_allocator is None:
+        heap_allocator = os.environ.get("REFIT_GYM_HEAP_ALLOCATOR", "1").strip().lower() not in {"0", "false", "no", "off"}
+    return {"flush_denormal": True, "heap_allocator": use_heap_for_large_tensors() if heap_allocator else False}
