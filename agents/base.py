@@ -61,7 +61,8 @@ class Agent:
     def collect(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Rollout:
         rows = np.repeat(np.asarray(users, dtype=np.int64), self.group_size)
         return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
-                                stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps)
+                                stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps,
+                                recorded_steps=self.config.trained_steps)
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Named loss terms; ``"loss"`` is the total that is minimised (``generator`` for any draw)."""
@@ -99,7 +100,8 @@ class Agent:
         return torch.zeros((), device=self.core.device)
 
     def kl_to_reference(self, rollout: Rollout, differentiable: bool = False) -> torch.Tensor:
-        """Mean per-step ``KL(pi || pi_pretrained) = |loc - loc0|^2 / (2 sigma^2)`` (reduced like the log-probs)."""
+        """Mean per-step ``KL(pi || pi_pretrained) = |loc - loc0|^2 / (2 sigma^2)`` (reduced like the log-probs)
+        over the rollout's recorded steps (the trained ones)."""
         flat_states = rollout.states.reshape(-1, rollout.states.shape[-1])
         flat_t = rollout.remaining.reshape(-1, 1)
         context = {k: v.repeat(rollout.n_steps, *([1] * (v.dim() - 1))) for k, v in rollout.context.items()}
@@ -117,7 +119,7 @@ class Agent:
         return denoiser_action(self.reference, self.policy.diffusion, states, remaining, self.policy.action_mode, **context)
 
     def trained_step_indices(self, rollout: Rollout) -> list[int]:
-        """The exposed steps policy-gradient terms are computed on (the last ``trained_steps``)."""
+        """The recorded steps policy-gradient terms are computed on (the last ``trained_steps``)."""
         n = self.config.trained_steps or rollout.n_steps
         return list(range(max(0, rollout.n_steps - n), rollout.n_steps))
 
@@ -138,7 +140,7 @@ class Agent:
     def diagnostics(self, rollout: Rollout) -> dict[str, float]:
         """Reward terms, probability mass on the held-out items, exploration std."""
         out = {f"reward/{k}": float(v.mean()) for k, v in rollout.components.items()}
-        out["reward/total"] = float(rollout.rewards.sum(0).mean())
+        out["reward/total"] = float(rollout.episode_return().mean())
         scores = self.policy.item_scores(rollout.final_state)
         log_p = masked_log_softmax(scores, rollout.episode.visible, self.config.likelihood_temperature)
         mass = held_out_mass(log_p, scored_items(rollout.episode.held_out, rollout.episode.visible))

@@ -321,5 +321,6 @@ class SB3PPOAgent(Agent):
                       for name in names}
         buffer_rewards = torch.as_tensor(np.stack(self.vec_env.raw), device=device)  # (n_steps, n_envs), uncentred
         rewards = torch.cat([prefix_rewards.unsqueeze(0), buffer_rewards]) if self.prefix_steps else buffer_rewards
-        rollout_like = SimpleNamespace(components=components, rewards=rewards, final_state=final, episode=episode)
+        rollout_like = SimpleNamespace(components=components, episode_return=lambda: rewards.sum(0), final_state=final,
+                                       episode=episode)
         return self.diagnostics(rollout_like)

@@ -16,6 +16,7 @@ from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
 from refit_gym.errors import ConfigError
 from refit_gym.evaluation.evaluator import evaluate
+from refit_gym.rewards import build_shaping
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
 from conftest import build_tiny_learner as _setup
@@ -33,7 +34,7 @@ def _objective(agent, users, rng_seed=123) -> float:
     if agent.name in ("refit", "supervised"):
         with torch.no_grad():
             return -float(agent.likelihood_loss(rollout))
-    return float(rollout.rewards.sum(0).mean())
+    return float(rollout.episode_return().mean())
 
 
 @pytest.mark.parametrize("agent_name", NATIVE_AGENTS)
@@ -67,6 +68,24 @@ def test_rollout_log_probs_match_the_policy(tiny_data, tiny_pretrained):
         recomputed = agent.step_log_probs(rollout, list(range(rollout.n_steps)))
     torch.testing.assert_close(recomputed, rollout.log_probs)
     assert rollout.states.shape == (2, 128, tiny_data.n_items)
+
+
+def test_recording_the_last_steps_keeps_their_tensors_and_the_whole_return(tiny_data, tiny_pretrained):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce", exposed_steps=0)
+    agent.core.shaping = build_shaping({"type": "held_out", "temperature": 0.5}, tiny_data)  # rewards on every step
+    rows = np.repeat(np.arange(32), 4)
+
+    def collect(recorded_steps):
+        return collect_rollouts(agent.core, agent.policy, rows, np.random.default_rng(0), torch.Generator().manual_seed(0),
+                                4, explored_steps=2, recorded_steps=recorded_steps)
+
+    full, last = collect(0), collect(2)
+    assert full.n_steps == agent.core.exposed_steps > 2 and last.n_steps == 2
+    for name in ("states", "remaining", "actions", "log_probs", "rewards"):
+        torch.testing.assert_close(getattr(last, name), getattr(full, name)[-2:], rtol=0, atol=0)
+    torch.testing.assert_close(last.returns_to_go(), full.returns_to_go()[-2:])
+    torch.testing.assert_close(last.episode_return(), full.episode_return())
+    assert full.rewards[:-2].abs().sum() > 0  # the unrecorded steps did carry reward
 
 
 def test_unknown_agents_and_options_are_named():
