@@ -21,6 +21,7 @@ from agents.config import FinetuneConfig
 from agents.policy import DenoisingPolicy
 from agents.rollout import Rollout, collect_rollouts
 from refit_gym.envs.core import DenoisingMDP
+from refit_gym.envs.policies import denoiser_action
 from refit_gym.rewards.functional import held_out_mass, masked_log_softmax, scored_items
 from refit_gym.rewards.likelihood import HeldOutLogLikelihood
 
@@ -114,8 +115,6 @@ class Agent:
         return per_step.mean()
 
     def _reference_loc(self, states: torch.Tensor, remaining: torch.Tensor, context: dict) -> torch.Tensor:
-        from refit_gym.envs.policies import denoiser_action
-
         return denoiser_action(self.reference, self.policy.diffusion, states, remaining, self.policy.action_mode, **context)
 
     def trained_step_indices(self, rollout: Rollout) -> list[int]:
@@ -138,12 +137,28 @@ class Agent:
 
     @torch.no_grad()
     def diagnostics(self, rollout: Rollout) -> dict[str, float]:
-        """Reward terms, probability mass on the held-out items, exploration std."""
+        """Reward terms, probability mass on the held-out items, KL of the ranking distribution to
+        the pretrained model's, exploration std."""
         out = {f"reward/{k}": float(v.mean()) for k, v in rollout.components.items()}
         out["reward/total"] = float(rollout.episode_return().mean())
         scores = self.policy.item_scores(rollout.final_state)
         log_p = masked_log_softmax(scores, rollout.episode.visible, self.config.likelihood_temperature)
         mass = held_out_mass(log_p, scored_items(rollout.episode.held_out, rollout.episode.visible))
         out["held_out_mass"] = float(mass.mean())
+        if rollout.states is not None:  # SB3's episode summary carries no states
+            out["kl_to_pretrained"] = float(self.ranking_kl_to_reference(rollout).mean())
         out["log_std"] = float(self.policy.log_std)
         return out
+
+    @torch.no_grad()
+    def ranking_kl_to_reference(self, rollout: Rollout) -> torch.Tensor:
+        """``(N,)`` ``KL(p_theta || p_pretrained)`` of the categorical last step ``softmax(x0 / tau)``
+        (input items masked), both models predicting from the rollout's last recorded state: how
+        far the distribution the recommendations are ranked by has moved from the pretrained model."""
+        state, remaining, tau = rollout.states[-1], rollout.remaining[-1], self.config.likelihood_temperature
+        visible = rollout.episode.visible
+        x0 = self.policy.predict_x0(state, remaining, **rollout.context)
+        x0_pretrained = denoiser_action(self.reference, self.policy.diffusion, state, remaining, "x0", **rollout.context)
+        log_p = masked_log_softmax(self.policy.item_scores(x0), visible, tau)
+        log_q = masked_log_softmax(self.policy.item_scores(x0_pretrained), visible, tau)
+        return torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), 0.0).sum(1)

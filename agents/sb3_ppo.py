@@ -322,5 +322,5 @@ class SB3PPOAgent(Agent):
         buffer_rewards = torch.as_tensor(np.stack(self.vec_env.raw), device=device)  # (n_steps, n_envs), uncentred
         rewards = torch.cat([prefix_rewards.unsqueeze(0), buffer_rewards]) if self.prefix_steps else buffer_rewards
         rollout_like = SimpleNamespace(components=components, episode_return=lambda: rewards.sum(0), final_state=final,
-                                       episode=episode)
+                                       episode=episode, states=None)
         return self.diagnostics(rollout_like)

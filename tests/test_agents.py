@@ -88,6 +88,28 @@ def test_recording_the_last_steps_keeps_their_tensors_and_the_whole_return(tiny_
     assert full.rewards[:-2].abs().sum() > 0  # the unrecorded steps did carry reward
 
 
+def test_kl_to_the_pretrained_ranking_starts_at_zero_and_matches_torch_distributions(tiny_data, tiny_pretrained):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "supervised", lr=1e-2)
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    users = np.arange(32)
+    assert float(agent.ranking_kl_to_reference(agent.collect(users, rng, generator)).abs().max()) < 1e-6
+    assert agent.update(users, rng, generator)["kl_to_pretrained"] > 0  # diagnostics are taken after the step
+    rollout = agent.collect(users, rng, generator)
+    kl = agent.ranking_kl_to_reference(rollout)
+    with torch.no_grad():  # the reference: two Categoricals over the items not in the input
+        keep = rollout.episode.visible <= 0
+        x0 = agent.policy.predict_x0(rollout.states[-1], rollout.remaining[-1])
+        agent.policy.denoiser, trained = agent.reference, agent.policy.denoiser
+        x0_pretrained = agent.policy.predict_x0(rollout.states[-1], rollout.remaining[-1])
+        agent.policy.denoiser = trained
+    tau = agent.config.likelihood_temperature
+    for row in range(len(users)):
+        p = torch.distributions.Categorical(logits=x0[row, keep[row]] / tau)
+        q = torch.distributions.Categorical(logits=x0_pretrained[row, keep[row]] / tau)
+        assert float(kl[row]) == pytest.approx(float(torch.distributions.kl_divergence(p, q)), rel=1e-4, abs=1e-6)
+    assert float(kl.mean()) > 0
+
+
 def test_unknown_agents_and_options_are_named():
     with pytest.raises(ConfigError, match="bogus"):
         finetune_config({"agent": "refit", "bogus": 1})
