@@ -2,25 +2,28 @@
 controls of the fine-tuning issue and the pure policy-gradient agents, over seeds, next to the
 pretrained model and a tuned EASE; with paired tests over users.
 
-Runs (all from the same converged pretrained checkpoint, same wall-clock budget each):
+Runs (all from the same converged pretrained checkpoint; ``--updates`` updates each, capped by
+``--budget`` seconds, unless a run sets its own ``max_updates``):
 
-=============  =========================================================================
-refit          the default config (likelihood + collaborative PG term + L2 anchor)
-supervised     (d) the likelihood term alone, by gradient, no rollouts
-continued      (a) continued DiffRec training with its own loss (lr ``--continued-lr``)
-ranking        (b) the naive ranking reward (NDCG@20 of the held-out items) instead of the
-               collaborative one in the PG term
-no_collab      (c) the collaborative PG term switched off (pg_weight 0)
-random_holdout (e) random instead of chronological hold-out
-reinforce      pure policy gradient (reward: held-out log-likelihood), no likelihood term
-ppo            pure policy gradient with clipped ratios (DDPO-IS), same reward
-reinforce_categorical  pure policy gradient through a categorical last step with the
-               importance-weighted hit reward (expected gradient = the log-likelihood's)
-torchrl_ppo    TorchRL's ClipPPOLoss, same reward
-sb3_ppo        Stable-Baselines3 PPO, same reward
-=============  =========================================================================
+* ``refit``: the default config (likelihood + collaborative PG term + L2 anchor);
+* ``supervised``: (d) the likelihood term alone, by gradient, no rollouts;
+  ``supervised_400``: the same with 400 updates (``reinforce_categorical``'s update count);
+* ``continued``: (a) continued DiffRec training with its own loss (lr ``--continued-lr``);
+* ``ranking``: (b) the naive ranking reward (NDCG@20 of the held-out items) instead of the
+  collaborative one in the PG term;
+* ``no_collab``: (c) the collaborative PG term switched off (``pg_weight`` 0);
+* ``random_holdout``: (e) random instead of chronological hold-out;
+* ``reinforce``: pure policy gradient over Gaussian steps (reward: held-out log-likelihood);
+* ``ppo``: pure policy gradient with clipped ratios (DDPO-IS), same reward;
+* ``reinforce_categorical``: pure policy gradient through a categorical last step with the
+  importance-weighted hit reward (expected gradient = the log-likelihood's): 1,024 sampled
+  items per user, one rollout per user, 400 updates (an update costs about a third of
+  ``refit``'s, which collects 4 rollouts per user); ``reinforce_categorical_m64``: 64 samples,
+  4 rollouts per user, ``--updates``;
+* ``torchrl_ppo``: TorchRL's ``ClipPPOLoss``, same reward;
+* ``sb3_ppo``: Stable-Baselines3 PPO, same reward.
 
-Every run writes its own folder under ``--output`` (skipped when its ``results.json`` exists, so
+Every run writes its own folder under ``--output`` (skipped when its ``summary.json`` exists, so
 the script resumes); ``table.md`` and ``table.json`` collect everything. Usage::
 
     REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --pretrained runs/ml1m_pretrained \\
@@ -59,7 +62,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "random_holdout": {"holdout": "random"},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
-    "reinforce_categorical": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 64},
+    "reinforce_categorical": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 1024,
+                              "rollouts_per_user": 1, "max_updates": 400},
+    "reinforce_categorical_m64": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 64},
+    "supervised_400": {"agent": "supervised", "max_updates": 400},
     "torchrl_ppo": {"agent": "torchrl-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
     "sb3_ppo": {"agent": "sb3-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
 }
@@ -90,8 +96,8 @@ def run_one(name: str, seed: int, args, config_path: str, data, output: Path) ->
         result = pretrain(config, data, output_dir=folder, progress=False, init_from=args.pretrained)
         metrics, seconds = result.best_metrics, result.seconds
     else:
-        config.finetune = {**config.finetune, **spec, "time_budget_s": args.budget, "eval_every": args.eval_every,
-                           "max_updates": args.updates}
+        config.finetune = {**config.finetune, "time_budget_s": args.budget, "eval_every": args.eval_every,
+                           "max_updates": args.updates, **spec}
         result = finetune(config, data, args.pretrained, folder, progress=False)
         metrics, seconds = result.best_metrics, result.seconds
     model, _ = load_checkpoint(folder, data)
