@@ -117,6 +117,15 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"mean_diff": float(np.mean(a - b)), "t_p": float(t.pvalue), "wilcoxon_p": float(w.pvalue)}
 
 
+def signed_p(tests: list[dict[str, float]]) -> str:
+    """The largest paired-t p over seeds, signed by the direction of the difference: ``+`` better
+    or identical in every seed, ``-`` worse or identical, ``+-`` mixed, ``=`` identical in all."""
+    diffs = [t["mean_diff"] for t in tests]
+    sign = ("=" if all(d == 0 for d in diffs) else "+" if all(d >= 0 for d in diffs) else "-" if all(d <= 0 for d in diffs)
+            else "+-")
+    return f"{sign}{max(t['t_p'] for t in tests):.1e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/ml1m_diffrec.yaml")
@@ -165,7 +174,7 @@ def main() -> None:
         summaries.setdefault(name, []).append(run_one(name, seed, args, args.config, data, output))
 
     lines = ["| model | seeds | " + " | ".join(f"valid {m}" for m in SHOWN) + " | " + " | ".join(f"test {m}" for m in SHOWN)
-             + " | test R@20 vs pretrained (paired t p, max over seeds) | vs EASE |", "|" + "---|" * (2 + 2 * len(SHOWN) + 2)]
+             + " | test R@20 / N@20 vs pretrained: sign, paired t p (max over seeds) | vs EASE |", "|" + "---|" * (2 + 2 * len(SHOWN) + 2)]
     for label, metrics in (("pretrained DiffRec", reference["pretrained"]), (f"EASE (l2={reference['ease_l2']:g})", reference["ease"])):
         cells = [f"{metrics[s][m]:.4f}" for s in ("valid", "test") for m in SHOWN]
         lines.append(f"| {label} | - | " + " | ".join(cells) + " | | |")
@@ -182,9 +191,9 @@ def main() -> None:
             users = dict(np.load(output / f"{name}-s{r['seed']}" / "per_user_test.npz"))
             tests.append({"vs_pretrained": {m: paired(users[m], base_users[m]) for m in users},
                           "vs_ease": {m: paired(users[m], ease_users[m]) for m in users}})
-        p_base = max(t["vs_pretrained"]["recall@20"]["t_p"] for t in tests)
-        p_ease = max(t["vs_ease"]["recall@20"]["t_p"] for t in tests)
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {p_base:.1e} | {p_ease:.1e} |")
+        p_cells = [" / ".join(signed_p([t[against][m] for t in tests]) for m in ("recall@20", "ndcg@20"))
+                   for against in ("vs_pretrained", "vs_ease")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " | " + " | ".join(p_cells) + " |")
         table["runs"][name] = {"runs": runs, "paired_tests": tests}
     (output / "table.md").write_text("\n".join(lines) + "\n")
     (output / "table.json").write_text(json.dumps(table, indent=2))
