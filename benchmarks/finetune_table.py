@@ -5,7 +5,8 @@ pretrained model and a tuned EASE; with paired tests over users.
 Runs (all from the same converged pretrained checkpoint; ``--updates`` updates each, capped by
 ``--budget`` seconds, unless a run sets its own ``max_updates``):
 
-* ``refit``: the default config (likelihood + collaborative PG term + L2 anchor);
+* ``refit``: the default config (likelihood + collaborative PG term + L2 anchor); ``refit_400``:
+  the same with 400 updates;
 * ``supervised``: (d) the likelihood term alone, by gradient, no rollouts;
   ``supervised_400``: the same with 400 updates (``reinforce_categorical``'s update count);
 * ``continued``: (a) continued DiffRec training with its own loss (lr ``--continued-lr``);
@@ -55,6 +56,7 @@ from refit_gym.training.pretrain import pretrain
 PG_REWARD = {"loglik": {"weight": 1.0, "temperature": 0.1}}
 RUNS: dict[str, dict[str, Any]] = {
     "refit": {},
+    "refit_400": {"max_updates": 400},
     "supervised": {"agent": "supervised"},
     "continued": {"continued": True},
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
