@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import yaml
 
-from refit_gym.errors import RefitGymError
+from refit_gym.errors import ConfigError, RefitGymError
 from refit_gym.runtime import tune_cpu_runtime
 
 
@@ -36,6 +37,11 @@ def _experiment(args) -> Any:
     from refit_gym.config import load_config
 
     overrides = {}
+    for item in getattr(args, "overrides", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. finetune.lr=3e-5), got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
     if getattr(args, "seed", None) is not None:
         overrides["seed"] = args.seed
     if getattr(args, "data", None):
@@ -162,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         if data:
             p.add_argument("--data", help="dataset: a name under $REFIT_GYM_DATA, a DiffRec split folder, "
                                           "a ratings file, a CSV, or synthetic[:k=v,...]")
+        if config:
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                           help="override a config field (dotted key, YAML value), e.g. finetune.lr=3e-5; repeatable")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the config's, or auto)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -77,6 +77,23 @@ def test_finetune_writes_a_checkpoint_that_evaluate_reads(config_file, pretraine
     assert "recall@20" in _json(capsys)
 
 
+def test_set_overrides_config_fields_and_names_bad_ones(config_file, pretrained, tmp_path, capsys):
+    output = tmp_path / "ft"
+    assert main(["finetune", "--config", str(config_file), "--pretrained", str(pretrained), "--output", str(output),
+                 "--agent", "reinforce", "--set", "finetune.max_updates=2", "--set", "finetune.categorical_samples=16",
+                 "--set", "finetune.pg_weight=0", "--no-progress"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["updates"] == 2 and results["config"]["finetune"]["categorical_samples"] == 16
+    assert results["config"]["finetune"]["pg_weight"] == 0
+    capsys.readouterr()
+    for bad, named in (("finetune.max_updates", "KEY=VALUE"), ("finetune.typo_key=1", "typo_key"),
+                       ("finetune.lr=-1", "finetune.lr")):
+        assert main(["finetune", "--config", str(config_file), "--pretrained", str(pretrained),
+                     "--output", str(tmp_path / "bad"), "--set", bad, "--no-progress"]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # rejected before anything was written
+
+
 def test_errors_are_reported_with_exit_code_2(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--split", "test"]) == 2
     assert "config.json" in capsys.readouterr().err
