@@ -192,7 +192,8 @@ def finetune(
     best_metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     log(f"fine-tuning stopped ({stop_reason}) after {state['update']} updates, {seconds:.0f} s; best valid "
         f"{settings.select_metric} {state['best']:.4f} at update {state['best_update']}")
-    plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", f"valid_{settings.select_metric}", "test_recall@20"],
+    plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
+                                        f"valid_{settings.select_metric}", "test_recall@20"],
                 output / "curves.png", title=f"fine-tuning ({settings.agent})")
     write_json_atomic(output / "results.json", {
         "agent": settings.agent, "seed": config.seed, "versions": package_versions(), "config": config.to_dict(),
