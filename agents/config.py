@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from refit_gym.config import check_field_type
 from refit_gym.errors import ConfigError
 
 
@@ -120,6 +121,9 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in config section 'finetune'; known: {sorted(known)}")
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    for name, value in merged.items():
+        check_field_type(f"finetune.{name}", fields[name], value)
     config = FinetuneConfig(**merged)
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:

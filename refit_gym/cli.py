@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import yaml
 
 from refit_gym.errors import ConfigError, RefitGymError
 from refit_gym.runtime import tune_cpu_runtime
@@ -33,6 +32,16 @@ def _load_data(dataset: str, data_dir: Optional[str]):
     return data
 
 
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value, read as YAML (``3e-5`` is a number, ``{loglik: 1.0}`` a mapping)."""
+    from refit_gym.config import read_yaml
+
+    try:
+        return read_yaml(text)
+    except ConfigError as error:
+        raise ConfigError(f"--set value {text!r} is {error}") from None
+
+
 def _experiment(args) -> Any:
     from refit_gym.config import load_config
 
@@ -41,7 +50,7 @@ def _experiment(args) -> Any:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (e.g. finetune.lr=3e-5), got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = _parse_value(value)
     if getattr(args, "seed", None) is not None:
         overrides["seed"] = args.seed
     if getattr(args, "data", None):

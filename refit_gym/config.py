@@ -9,6 +9,7 @@ here and validated by their owners.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -128,6 +129,49 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does
+    (PyYAML follows YAML 1.1, where it is a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text (safe: plain data only); ``ConfigError`` when it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML: {error}") from None
+
+
+def check_field_type(where: str, field_: dataclasses.Field, value: Any) -> None:
+    """Raise ``ConfigError`` when a field whose default is a bool or number gets another type
+    (an int is accepted for a float field, ``None`` for an ``Optional`` one)."""
+    default = field_.default
+    if value is None and "Optional" in str(field_.type):
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not ok:
+        kind = {"bool": "a bool", "int": "an int", "float": "a number"}[type(default).__name__]
+        raise ConfigError(f"{where} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
 def _build(cls, values: Any, where: str):
     if values is None:
         return cls()
@@ -143,6 +187,7 @@ def _build(cls, values: Any, where: str):
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
         else:
+            check_field_type(f"{where}.{name}" if where else name, known[name], value)
             kwargs[name] = value
     return cls(**kwargs)
 
@@ -176,14 +221,16 @@ def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) ->
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        values = read_yaml(path.read_text()) or {}
+    except ConfigError as error:
+        raise ConfigError(f"config file {path} is {error}") from None
     for dotted, value in (overrides or {}).items():
         node = values
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
         node[leaf] = value
     try:
         return config_from_dict(values)

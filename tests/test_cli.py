@@ -81,13 +81,14 @@ def test_set_overrides_config_fields_and_names_bad_ones(config_file, pretrained,
     output = tmp_path / "ft"
     assert main(["finetune", "--config", str(config_file), "--pretrained", str(pretrained), "--output", str(output),
                  "--agent", "reinforce", "--set", "finetune.max_updates=2", "--set", "finetune.categorical_samples=16",
-                 "--set", "finetune.pg_weight=0", "--no-progress"]) == 0
+                 "--set", "finetune.pg_weight=0", "--set", "finetune.lr=3e-5", "--no-progress"]) == 0
     results = json.loads((output / "results.json").read_text())
     assert results["updates"] == 2 and results["config"]["finetune"]["categorical_samples"] == 16
-    assert results["config"]["finetune"]["pg_weight"] == 0
+    assert results["config"]["finetune"]["pg_weight"] == 0 and results["config"]["finetune"]["lr"] == 3e-5
     capsys.readouterr()
     for bad, named in (("finetune.max_updates", "KEY=VALUE"), ("finetune.typo_key=1", "typo_key"),
-                       ("finetune.lr=-1", "finetune.lr")):
+                       ("finetune.lr=-1", "finetune.lr"), ("finetune.lr=fast", "finetune.lr must be a number"),
+                       ("seed.x=1", "'seed' is not a section"), ("finetune.reward={a: 1", "not valid YAML")):
         assert main(["finetune", "--config", str(config_file), "--pretrained", str(pretrained),
                      "--output", str(tmp_path / "bad"), "--set", bad, "--no-progress"]) == 2
         assert named in capsys.readouterr().err

@@ -122,6 +122,18 @@ def test_unknown_config_keys_are_named(tmp_path):
         load_config(bad)
 
 
+def test_exponent_floats_read_as_numbers_and_wrong_types_are_named(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("pretrain: {lr: 1e-3, batch_size: 64}\n")  # PyYAML alone reads 1e-3 as a string
+    assert load_config(good).pretrain.lr == 1e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="pretrain.lr must be a number"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="batch_size must be an int"):
+        config_from_dict({"pretrain": {"batch_size": 64.5}})
+
+
 def test_shipped_configs_load():
     for name in ("ml1m_diffrec.yaml", "synthetic_diffrec.yaml"):
         config = load_config(CONFIGS / name)
