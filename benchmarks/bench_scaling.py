@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runtime = tune_cpu_runtime(heap_allocator=not args.no_heap_allocator)
+    runtime = tune_cpu_runtime(heap_allocator=False if args.no_heap_allocator else None)
     config = load_config(args.config, {"device": "cpu"})
     factors = [0.1, 0.25, 0.5, 1.0] if args.quick else [1.0, 2.5, 5.0, 10.0]
     axes = args.axes.split(",")

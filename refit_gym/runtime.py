@@ -12,14 +12,16 @@ Two settings, both measured on this project's workloads (see ``docs/finetuning.m
   memory for reuse (the same policy as PyTorch's CUDA caching allocator); the cost is that the
   process keeps its peak resident memory until it exits.
 
-Set ``REFIT_GYM_HEAP_ALLOCATOR=0`` to keep glibc's default allocator policy (the benchmarks take
-``--no-heap-allocator`` to measure the difference side by side).
+Set ``REFIT_GYM_HEAP_ALLOCATOR=0`` to keep glibc's default allocator policy (``bench_scaling.py``
+takes ``--no-heap-allocator`` to measure the difference). The setting is process-wide and is not
+undone; it does nothing under another allocator (jemalloc or tcmalloc through ``LD_PRELOAD``),
+and glibc still maps blocks larger than a thread arena's 64 MB heap when they are allocated
+outside the main thread.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -37,16 +39,19 @@ def use_heap_for_large_tensors() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # the trim threshold first: if it fails, large blocks stay mmap-ed, i.e. nothing changed
+    return mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
 
 
 def tune_cpu_runtime(heap_allocator: bool | None = None) -> dict[str, bool]:
     """Apply the settings above; ``heap_allocator=None`` reads ``REFIT_GYM_HEAP_ALLOCATOR`` (default on).
 
-    Returns what was applied, for logs and benchmark reports.
+    Returns what took effect, for logs and benchmark reports (``heap_allocator=False`` does not
+    undo an earlier call).
     """
-    torch.set_flush_denormal(True)
+    flushing = bool(torch.set_flush_denormal(True))  # False on a CPU without flush-to-zero support
     if heap_allocator is None:
         heap_allocator = os.environ.get("REFIT_GYM_HEAP_ALLOCATOR", "1").strip().lower() not in {"0", "false", "no", "off"}
-    return {"flush_denormal": True, "heap_allocator": use_heap_for_large_tensors() if heap_allocator else False}
+    return {"flush_denormal": flushing, "heap_allocator": use_heap_for_large_tensors() if heap_allocator else False}

@@ -12,8 +12,9 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 def test_flush_denormal_is_on_and_the_allocator_switch_is_honoured():
     applied = tune_cpu_runtime(heap_allocator=False)
-    assert applied == {"flush_denormal": True, "heap_allocator": False}
-    assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0  # a denormal is flushed to zero
+    assert applied["heap_allocator"] is False
+    if applied["flush_denormal"]:  # False only on a CPU without flush-to-zero support
+        assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), ("1", GLIBC), ("", GLIBC)])
