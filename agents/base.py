@@ -63,7 +63,7 @@ class Agent:
         rows = np.repeat(np.asarray(users, dtype=np.int64), self.group_size)
         return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
                                 stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps,
-                                recorded_steps=self.config.trained_steps)
+                                recorded_steps=0 if self.config.anchor == "kl" else self.config.trained_steps)
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Named loss terms; ``"loss"`` is the total that is minimised (``generator`` for any draw)."""
@@ -102,7 +102,7 @@ class Agent:
 
     def kl_to_reference(self, rollout: Rollout, differentiable: bool = False) -> torch.Tensor:
         """Mean per-step ``KL(pi || pi_pretrained) = |loc - loc0|^2 / (2 sigma^2)`` (reduced like the log-probs)
-        over the rollout's recorded steps (the trained ones)."""
+        over the rollout's recorded steps (every exposed step when ``anchor`` is ``kl``)."""
         flat_states = rollout.states.reshape(-1, rollout.states.shape[-1])
         flat_t = rollout.remaining.reshape(-1, 1)
         context = {k: v.repeat(rollout.n_steps, *([1] * (v.dim() - 1))) for k, v in rollout.context.items()}

@@ -21,6 +21,7 @@ import torch
 
 from agents.policy import DenoisingPolicy
 from refit_gym.envs.core import DenoisingMDP
+from refit_gym.errors import ConfigError
 from refit_gym.rewards.base import EpisodeBatch
 
 
@@ -92,11 +93,15 @@ def collect_rollouts(
         policy: samples ``loc + std * z`` (or takes ``loc`` when ``stochastic`` is False).
         explored_steps: only the last this-many steps sample (0 = every step); the earlier ones
             take ``loc``.
-        recorded_steps: store only the last this-many steps (0 = every step).
+        recorded_steps: store only the last this-many steps (0 = every step); at least every
+            explored step.
         users: user id of each row, grouped by user (``np.repeat(ids, group_size)``).
         rng: the trainer's numpy generator (the core draws the episode seed from it).
         generator: torch generator of the exploration noise.
     """
+    if recorded_steps > 0 and stochastic and not 0 < explored_steps <= recorded_steps:
+        raise ConfigError(f"recorded_steps={recorded_steps} would drop explored steps (explored_steps={explored_steps}, "
+                          "0 = all): record at least every explored step")
     observation = core.reset(rng, users=users)
     steps, n, n_items = core.exposed_steps, len(users), core.n_items
     first_explored = 0 if explored_steps <= 0 else max(0, steps - explored_steps)
