@@ -2,8 +2,8 @@
 controls of the fine-tuning issue and the pure policy-gradient agents, over seeds, next to the
 pretrained model and a tuned EASE; with paired tests over users.
 
-Runs (all from the same converged pretrained checkpoint; ``--updates`` updates each, capped by
-``--budget`` seconds, unless a run sets its own ``max_updates``):
+Runs (all from the same converged pretrained checkpoint; ``--updates`` updates each, or the run's
+own ``max_updates``, always capped by ``--budget`` seconds):
 
 * ``refit``: the default config (likelihood + collaborative PG term + L2 anchor); ``refit_400``:
   the same with 400 updates;
@@ -25,7 +25,7 @@ Runs (all from the same converged pretrained checkpoint; ``--updates`` updates e
 * ``sb3_ppo``: Stable-Baselines3 PPO, same reward.
 
 Every run writes its own folder under ``--output`` (skipped when its ``summary.json`` exists, so
-the script resumes); ``table.md`` and ``table.json`` collect everything. Usage::
+the script resumes; a summary written under a different spec of the same name is refused); ``table.md`` and ``table.json`` collect everything. Usage::
 
     REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --pretrained runs/ml1m_pretrained \\
         --output runs/table --seeds 0 1 2 --budget 900 [--runs refit,supervised,continued]
@@ -85,7 +85,11 @@ def per_user_test_metrics(model, data) -> dict[str, np.ndarray]:
 def run_one(name: str, seed: int, args, config_path: str, data, output: Path) -> dict:
     folder = output / f"{name}-s{seed}"
     if (folder / "summary.json").is_file():
-        return json.loads((folder / "summary.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+        if name in RUNS and "spec" in summary and summary["spec"] != json.loads(json.dumps(RUNS[name])):
+            raise SystemExit(f"{folder} was run with spec {summary['spec']}, but {name!r} is now {RUNS[name]}: "
+                             "move the folder away or use another --output")
+        return summary
     spec = dict(RUNS[name])
     config = load_config(config_path, {"device": "cpu", "seed": seed})
     if spec.pop("continued", False):
@@ -105,7 +109,7 @@ def run_one(name: str, seed: int, args, config_path: str, data, output: Path) ->
     model, _ = load_checkpoint(folder, data)
     users = per_user_test_metrics(model, data)
     np.savez(folder / "per_user_test.npz", **users)
-    summary = {"name": name, "seed": seed, "metrics": metrics, "seconds": seconds}
+    summary = {"name": name, "seed": seed, "spec": RUNS[name], "metrics": metrics, "seconds": seconds}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
