@@ -83,6 +83,50 @@ def build_tiny_learner(data, pretrained, agent: str, **overrides):
     return build_learner(settings, base, data), base
 
 
+def tiny_objective(agent, users, rng_seed: int = 123) -> float:
+    """The agent's own objective on fixed users, on the deterministic path: the held-out
+    log-likelihood for ``refit`` / ``supervised``, the episode return for the others."""
+    import numpy as np
+
+    from agents.rollout import collect_rollouts
+
+    rows = np.repeat(users, agent.group_size)
+    rollout = collect_rollouts(agent.core, agent.policy, rows, np.random.default_rng(rng_seed),
+                               torch.Generator().manual_seed(0), agent.group_size, stochastic=False)
+    if agent.name in ("refit", "supervised"):
+        with torch.no_grad():
+            return -float(agent.likelihood_loss(rollout))
+    return float(rollout.episode_return().mean())
+
+
+def train_tiny(agent, updates: int = 25, n_users: int = 32) -> tuple[float, float, dict]:
+    """``(objective before, objective after, last diagnostics)`` of ``updates`` updates on the
+    first ``n_users`` users (seeded)."""
+    import numpy as np
+
+    users = np.arange(n_users)
+    before = tiny_objective(agent, users)
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    for _ in range(updates):
+        diagnostics = agent.update(users, rng, generator)
+    return before, tiny_objective(agent, users), diagnostics
+
+
+@pytest.fixture
+def without_stable_baselines3(monkeypatch):
+    """Make every ``import stable_baselines3...`` fail, as on a machine without the extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sb3(name, *args, **kwargs):
+        if name.startswith("stable_baselines3"):
+            raise ImportError("No module named 'stable_baselines3'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sb3)
+
+
 @pytest.fixture(scope="module")
 def single_torch_thread():
     """Tiny tensors: one intra-op thread is much faster than two contended ones on a 2-core CI box."""

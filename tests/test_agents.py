@@ -20,21 +20,9 @@ from refit_gym.rewards import build_shaping
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
 from conftest import build_tiny_learner as _setup
+from conftest import train_tiny
 NATIVE_AGENTS = ("refit", "supervised", "reinforce", "ppo")
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-
-
-def _objective(agent, users, rng_seed=123) -> float:
-    """The agent's own objective on fixed users, measured on the deterministic path."""
-    rows = np.repeat(users, agent.group_size)
-    rollout = collect_rollouts(agent.core, agent.policy, rows, np.random.default_rng(rng_seed),
-                               torch.Generator().manual_seed(0), agent.group_size, stochastic=False)
-    if agent.name in ("refit", "supervised"):
-        with torch.no_grad():
-            return -float(agent.likelihood_loss(rollout))
-    return float(rollout.episode_return().mean())
 
 
 @pytest.mark.parametrize("agent_name", NATIVE_AGENTS)
@@ -42,12 +30,7 @@ def test_each_agent_improves_its_own_objective(tiny_data, tiny_pretrained, agent
     reward = {"loglik": {"weight": 1.0, "temperature": 0.5}}
     agent, _ = _setup(tiny_data, tiny_pretrained, agent_name, lr=3e-3, reward=reward, anchor="none",
                       log_prob_reduction="mean" if agent_name == "ppo" else "sum", inner_epochs=2)
-    users = np.arange(32)
-    before = _objective(agent, users)
-    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    for _ in range(25):
-        diagnostics = agent.update(users, rng, generator)
-    after = _objective(agent, users)
+    before, after, diagnostics = train_tiny(agent)
     assert np.isfinite(diagnostics["loss"])
     assert after > before, (agent_name, before, after)
 

@@ -24,14 +24,12 @@ centring wrapper of ``agents.sb3_ppo`` is what makes ``sb3-ppo`` improve.
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from agents.rollout import collect_rollouts
 from agents.trainer import finetune
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
@@ -40,6 +38,7 @@ from refit_gym.evaluation.evaluator import evaluate
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
 from conftest import build_tiny_learner as _setup
+from conftest import train_tiny
 EXTERNAL_AGENTS = ("torchrl-ppo", "sb3-ppo")
 REWARD = {"loglik": {"weight": 1.0, "temperature": 0.5}}
 
@@ -50,16 +49,6 @@ def _needs(agent: str) -> None:
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-
-
-def _objective(agent, users, rng_seed=123) -> float:
-    """The agent's own reward on fixed users, on the deterministic path."""
-    rows = np.repeat(users, agent.group_size)
-    rollout = collect_rollouts(agent.core, agent.policy, rows, np.random.default_rng(rng_seed),
-                               torch.Generator().manual_seed(0), agent.group_size, stochastic=False)
-    return float(rollout.rewards.sum(0).mean())
 
 
 def test_the_torchrl_env_over_the_agents_core_passes_check_env_specs(tiny_data, tiny_pretrained):
@@ -77,12 +66,7 @@ def test_agent_trains_the_shared_denoiser_in_place_and_improves_its_reward(tiny_
                       log_prob_reduction="mean", inner_epochs=2)
     denoiser = agent.policy.denoiser
     weights = [p.detach().clone() for p in denoiser.parameters()]
-    users = np.arange(32)
-    before = _objective(agent, users)
-    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    for _ in range(25):
-        diagnostics = agent.update(users, rng, generator)
-    after = _objective(agent, users)
+    before, after, diagnostics = train_tiny(agent)
 
     assert agent.policy.denoiser is denoiser
     assert any(not torch.equal(p, w) for p, w in zip(denoiser.parameters(), weights))
@@ -137,17 +121,10 @@ def test_sb3_policy_keeps_the_pretrained_weights_and_the_log_prob_convention(tin
     torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_sb3_ppo_without_stable_baselines3_names_the_extra(tiny_data, tiny_pretrained, monkeypatch):
+def test_sb3_ppo_without_stable_baselines3_names_the_extra(tiny_data, tiny_pretrained, monkeypatch,
+                                                          without_stable_baselines3):
     import agents.sb3_ppo as sb3_ppo
 
-    real_import = builtins.__import__
-
-    def no_sb3(name, *args, **kwargs):
-        if name.startswith("stable_baselines3"):
-            raise ImportError("No module named 'stable_baselines3'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_sb3)
     monkeypatch.setattr(sb3_ppo, "_CLASSES", None)
     with pytest.raises(ConfigError, match=r"refit-gym\[sb3\]") as error:
         _setup(tiny_data, tiny_pretrained, "sb3-ppo")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import warnings
 
 import gymnasium as gym
@@ -59,17 +58,9 @@ def test_adapter_follows_sb3_semantics():
         "ReFiT-Synthetic-v0", num_envs=3, exposed_steps=2, **SMALL).venv.reset(seed=5)[0]["user"])
 
 
-def test_missing_sb3_names_the_extra(monkeypatch):
+def test_missing_sb3_names_the_extra(monkeypatch, without_stable_baselines3):
     import refit_gym.envs.sb3_vec_env as adapter_module
 
-    real_import = builtins.__import__
-
-    def no_sb3(name, *args, **kwargs):
-        if name.startswith("stable_baselines3"):
-            raise ImportError("No module named 'stable_baselines3'")
-        return real_import(name, *args, **kwargs)
-
     monkeypatch.setattr(adapter_module, "_ADAPTER", None)
-    monkeypatch.setattr(builtins, "__import__", no_sb3)
     with pytest.raises(ImportError, match=r"refit-gym\[sb3\]"):
         refit_gym.make_sb3_vec_env("ReFiT-Synthetic-v0", num_envs=2, **SMALL)
