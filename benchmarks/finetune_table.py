@@ -25,7 +25,9 @@ own ``max_updates``, always capped by ``--budget`` seconds):
 * ``sb3_ppo``: Stable-Baselines3 PPO, same reward.
 
 Every run writes its own folder under ``--output`` (skipped when its ``summary.json`` exists, so
-the script resumes; a summary written under a different spec of the same name is refused); ``table.md`` and ``table.json`` collect everything. Usage::
+the script resumes; a summary written under a different spec of the same name is refused).
+``table.md`` and ``table.json`` collect everything, ``diagnostics.md`` the training diagnostics of
+each run's first seed. Usage::
 
     REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --pretrained runs/ml1m_pretrained \\
         --output runs/table --seeds 0 1 2 --budget 900 [--runs refit,supervised,continued]
@@ -34,6 +36,7 @@ the script resumes; a summary written under a different spec of the same name is
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -123,6 +126,32 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"mean_diff": float(np.mean(a - b)), "t_p": float(t.pvalue), "wilcoxon_p": float(w.pvalue)}
 
 
+def training_diagnostics(folder: Path, window: int = 10) -> dict[str, float] | None:
+    """From a fine-tuning run's ``log.csv``: the reward and the held-out probability mass as means
+    of the first and the last ``window`` updates (single updates are noisy), the lowest
+    validation Recall@20, and the median PPO clip fraction and approximate KL when logged."""
+    log = folder / "log.csv"
+    if not log.is_file():
+        return None
+    with log.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    updates = [r for r in rows if r.get("reward/total")]
+    if not updates:
+        return None  # control (a) logs epochs, not updates
+
+    def mean(part, key):
+        return statistics.mean(float(r[key]) for r in part)
+
+    out = {f"{key}_{end}": mean(part, key) for key in ("reward/total", "held_out_mass")
+           for end, part in (("first", updates[:window]), ("last", updates[-window:]))}
+    out["lowest_valid_recall@20"] = min(float(r["valid_recall@20"]) for r in rows if r.get("valid_recall@20"))
+    for key in ("clip_fraction", "approx_kl", "kl_approx"):
+        values = [float(r[key]) for r in updates if r.get(key)]
+        if values:
+            out[f"median_{'approx_kl' if key == 'kl_approx' else key}"] = statistics.median(values)
+    return out
+
+
 def signed_p(tests: list[dict[str, float]]) -> str:
     """The largest paired-t p over seeds, signed by the direction of the difference: ``+`` better
     or identical in every seed, ``-`` worse or identical, ``+-`` mixed, ``=`` identical in all."""
@@ -185,6 +214,8 @@ def main() -> None:
         cells = [f"{metrics[s][m]:.4f}" for s in ("valid", "test") for m in SHOWN]
         lines.append(f"| {label} | - | " + " | ".join(cells) + " | | |")
     table: dict[str, Any] = {"reference": reference, "runs": {}}
+    diagnostics = ["| model (first seed) | reward, mean of first → last 10 updates | held-out mass, same | "
+                   "lowest valid R@20 | median clip fraction / approx KL |", "|---|---|---|---|---|"]
     for name, runs in summaries.items():
         cells = []
         for split in ("valid", "test"):
@@ -200,8 +231,16 @@ def main() -> None:
         p_cells = [" / ".join(signed_p([t[against][m] for t in tests]) for m in ("recall@20", "ndcg@20"))
                    for against in ("vs_pretrained", "vs_ease")]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " | " + " | ".join(p_cells) + " |")
-        table["runs"][name] = {"runs": runs, "paired_tests": tests}
+        training = training_diagnostics(output / f"{name}-s{runs[0]['seed']}")
+        table["runs"][name] = {"runs": runs, "paired_tests": tests, "training_first_seed": training}
+        if training:
+            kl = f"{training['median_clip_fraction']:.2f} / {training['median_approx_kl']:.0e}" if "median_clip_fraction" in training else ""
+            diagnostics.append(
+                f"| {name} | {training['reward/total_first']:.2f} → {training['reward/total_last']:.2f} | "
+                f"{training['held_out_mass_first']:.3f} → {training['held_out_mass_last']:.3f} | "
+                f"{training['lowest_valid_recall@20']:.4f} | {kl} |")
     (output / "table.md").write_text("\n".join(lines) + "\n")
+    (output / "diagnostics.md").write_text("\n".join(diagnostics) + "\n")
     (output / "table.json").write_text(json.dumps(table, indent=2))
     print("\n".join(lines))
 
