@@ -3,7 +3,7 @@
 Swap the algorithm with one config key (``finetune.agent``) or one line::
 
     from agents import build_agent
-    agent = build_agent("reinforce", policy, core, reference_denoiser, config)
+    agent = build_agent("reinforce", policy, core, reference_model, config)
 
 ``AGENTS`` maps names to classes; the TorchRL and Stable-Baselines3 agents import their
 libraries only when built.

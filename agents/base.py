@@ -15,13 +15,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from agents.config import FinetuneConfig
 from agents.policy import DenoisingPolicy
 from agents.rollout import Rollout, collect_rollouts
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.policies import denoiser_action
+from refit_gym.models.base import BaseModel
 from refit_gym.rewards.functional import held_out_mass, masked_log_softmax, scored_items
 from refit_gym.rewards.likelihood import HeldOutLogLikelihood
 
@@ -30,9 +30,9 @@ class Agent:
     """Base class of the fine-tuning algorithms.
 
     Args:
-        policy: the trainable policy (a copy of the pretrained denoiser).
+        policy: the trainable policy (a copy of the pretrained base model).
         core: the env core episodes are collected from (batch = users_per_batch * K).
-        reference: the frozen pretrained denoiser (anchor, KL diagnostics).
+        reference: the frozen pretrained base model (anchor, KL diagnostics).
         config: the fine-tuning config.
     """
 
@@ -41,12 +41,12 @@ class Agent:
     """Whether :meth:`update` collects stochastic rollouts (``supervised`` does not)."""
 
     def __init__(
-        self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig
+        self, policy: DenoisingPolicy, core: DenoisingMDP, reference: BaseModel, config: FinetuneConfig
     ) -> None:
         self.policy, self.core, self.reference, self.config = policy, core, reference.eval(), config
         self.group_size = config.rollouts_per_user if self.collects_rollouts else 1
         self.likelihood = HeldOutLogLikelihood(temperature=config.likelihood_temperature, normalize=True)
-        self.anchor_weights = [p.detach().clone() for p in policy.denoiser.parameters()]
+        self.anchor_weights = [p.detach().clone() for p in policy.model.parameters()]
         self.optimizer = torch.optim.Adam(
             [p for p in policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
         )
@@ -95,7 +95,7 @@ class Agent:
         """``l2``: squared distance of the weights to the pretrained ones; ``kl``: KL between the
         policy's and the pretrained policy's Gaussian steps (same std) on the rollout's states."""
         if self.config.anchor == "l2":
-            return sum(((p - p0) ** 2).sum() for p, p0 in zip(self.policy.denoiser.parameters(), self.anchor_weights))
+            return sum(((p - p0) ** 2).sum() for p, p0 in zip(self.policy.model.parameters(), self.anchor_weights))
         if self.config.anchor == "kl" and rollout is not None:
             return self.kl_to_reference(rollout, differentiable=True)
         return torch.zeros((), device=self.core.device)
@@ -115,7 +115,8 @@ class Agent:
         return per_step.mean()
 
     def _reference_loc(self, states: torch.Tensor, remaining: torch.Tensor, context: dict) -> torch.Tensor:
-        return denoiser_action(self.reference, self.policy.diffusion, states, remaining, self.policy.action_mode, **context)
+        return denoiser_action(self.reference.denoise, self.policy.diffusion, states, remaining, self.policy.action_mode,
+                               **context)
 
     def trained_step_indices(self, rollout: Rollout) -> list[int]:
         """The recorded steps policy-gradient terms are computed on (the last ``trained_steps``)."""
@@ -158,7 +159,8 @@ class Agent:
         state, remaining, tau = rollout.states[-1], rollout.remaining[-1], self.config.likelihood_temperature
         visible = rollout.episode.visible
         x0 = self.policy.predict_x0(state, remaining, **rollout.context)
-        x0_pretrained = denoiser_action(self.reference, self.policy.diffusion, state, remaining, "x0", **rollout.context)
+        x0_pretrained = denoiser_action(self.reference.denoise, self.policy.diffusion, state, remaining, "x0",
+                                        **rollout.context)
         log_p = masked_log_softmax(self.policy.item_scores(x0), visible, tau)
-        log_q = masked_log_softmax(self.policy.item_scores(x0_pretrained), visible, tau)
+        log_q = masked_log_softmax(self.reference.item_scores(x0_pretrained), visible, tau)
         return torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), 0.0).sum(1)

@@ -1,11 +1,15 @@
-"""The policy being fine-tuned: a trainable copy of the pretrained denoiser with a Gaussian head.
+"""The policy being fine-tuned: a trainable copy of the pretrained base model with a Gaussian head.
+
+The copy is the whole :class:`~refit_gym.models.BaseModel` (denoiser, and for an
+item-embedding model its embeddings and history encoder), so ``item_scores`` is the trainable
+model's own and a checkpoint of ``policy.model`` is a normal base-model checkpoint.
 
 ``loc`` is the denoiser's action in the env's action mode (its x0 estimate, or the posterior
 mean it implies, see :func:`refit_gym.envs.policies.denoiser_action`); the exploration std is a
 parameter of the policy, not a constant of the schedule (DiffRec's own posterior std on ML-1M is
 about 8e-4, far too small to explore with). The std is ``fixed``, ``learned`` or ``scheduled``.
 
-The denoiser runs in eval mode (no dropout) both in rollouts and in updates, so the log-prob of
+The model runs in eval mode (no dropout) both in rollouts and in updates, so the log-prob of
 an action under the updated policy is computed by the same function that sampled it.
 """
 
@@ -20,16 +24,16 @@ import torch.nn as nn
 
 from refit_gym.diffusion.gaussian import gaussian_log_prob
 from refit_gym.envs.policies import denoiser_action, diffusion_step
-from refit_gym.models.base import DiffusionRecommender
+from refit_gym.models.base import BaseModel
 
 STATE_KEYS = ("x_t", "t", "user")
 
 
 class DenoisingPolicy(nn.Module):
-    """Gaussian policy ``N(loc(s), exp(log_std)^2 I)`` over a trainable copy of ``base``'s denoiser.
+    """Gaussian policy ``N(loc(s), exp(log_std)^2 I)`` over a trainable copy of the base model.
 
     Args:
-        base: the pretrained model (its denoiser is copied; the original is never touched).
+        base: the pretrained model (copied whole; the original is never touched).
         action_mode: the env's action mode (``x_prev`` or ``x0``).
         log_std_init: initial exploration log-std.
         std_mode: ``fixed`` (a buffer), ``learned`` (a parameter) or ``scheduled`` (a buffer the
@@ -39,16 +43,15 @@ class DenoisingPolicy(nn.Module):
 
     def __init__(
         self,
-        base: DiffusionRecommender,
+        base: BaseModel,
         action_mode: str = "x_prev",
         log_std_init: float = -4.0,
         std_mode: str = "fixed",
         log_prob_reduction: str = "sum",
     ) -> None:
         super().__init__()
-        self.denoiser = copy.deepcopy(base.denoiser).requires_grad_(True).eval()
-        self.diffusion = base.diffusion
-        self.item_scores = base.item_scores
+        self.model = copy.deepcopy(base).requires_grad_(True).eval()
+        self.diffusion = self.model.diffusion
         self.action_mode, self.std_mode, self.log_prob_reduction = action_mode, std_mode, log_prob_reduction
         log_std = torch.tensor(float(log_std_init))
         if std_mode == "learned":
@@ -57,10 +60,14 @@ class DenoisingPolicy(nn.Module):
             self.register_buffer("log_std", log_std)
 
     def train(self, mode: bool = True) -> "DenoisingPolicy":
-        """The denoiser stays in eval mode (dropout off) whatever the module's mode."""
+        """The model stays in eval mode (dropout off) whatever the module's mode."""
         super().train(mode)
-        self.denoiser.eval()
+        self.model.eval()
         return self
+
+    def item_scores(self, x0: torch.Tensor) -> torch.Tensor:
+        """The trainable model's item scores of clean states."""
+        return self.model.item_scores(x0)
 
     @staticmethod
     def context(observation: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,12 +76,12 @@ class DenoisingPolicy(nn.Module):
 
     def loc(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """The mean action at states ``(x_t, t)`` (``t`` = remaining steps)."""
-        return denoiser_action(self.denoiser, self.diffusion, x_t, t, self.action_mode, **context)
+        return denoiser_action(self.model.denoise, self.diffusion, x_t, t, self.action_mode, **context)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """The denoiser's clean-vector estimate at ``(x_t, t)`` (differentiable)."""
         step = diffusion_step(t).to(x_t.device)
-        return self.diffusion.predict_x0(self.denoiser(x_t, step, **context), x_t, step)
+        return self.diffusion.predict_x0(self.model.denoise(x_t, step, **context), x_t, step)
 
     def sample(self, loc: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         noise = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)

@@ -15,7 +15,7 @@ What is SB3's and what is ours:
   The adapter's own same-step reset at the end of the episode (users it draws itself) is
   discarded by the next update.
 * **policy** — ``RefitActorCriticPolicy``, a ``MultiInputActorCriticPolicy`` whose actor mean
-  is ``policy.loc`` on the dict observation (the *shared* ``policy.denoiser``, so the trainer's
+  is ``policy.loc`` on the dict observation (the *shared* ``policy.model``, so the trainer's
   evaluation sees the training), ``action_net = nn.Identity()``, ``ortho_init=False``, whose
   log-std *is* ``policy.log_std`` (fixed, learned or scheduled, initialised from
   ``log_std_init``), and whose critic is SB3's ``value_net`` on a one-hot of the remaining steps
@@ -265,7 +265,7 @@ class SB3PPOAgent(Agent):
         self._grad_norms: list[float] = []
         self.optimizer.register_step_pre_hook(self._clip_and_record)
         self.recorder = classes["callback"]()
-        assert self.model.policy.mlp_extractor.refit.denoiser is policy.denoiser
+        assert self.model.policy.mlp_extractor.refit.model is policy.model
 
     def _start_episodes(self, users: np.ndarray, rng: np.random.Generator):
         """Reset the shared core with the batch's users and run the untrained prefix with the mean action."""

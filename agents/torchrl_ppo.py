@@ -6,7 +6,7 @@ What is TorchRL's and what is ours:
   ``batch_size = users * K``): :meth:`refit_gym.envs.torchrl_env.DenoisingTorchRLEnv.from_core`,
   with ``reset_users`` and ``rng`` set for each batch.
 * **actor** — TorchRL's ``ProbabilisticActor`` over a ``TensorDictModule`` whose ``loc`` is
-  :meth:`agents.policy.DenoisingPolicy.loc` (the shared ``policy.denoiser``, trained in place)
+  :meth:`agents.policy.DenoisingPolicy.loc` (the shared ``policy.model``, trained in place)
   and whose ``scale`` is ``exp(policy.log_std)`` (fixed, learned or scheduled like every agent).
 * **collection** — TorchRL's ``env.rollout``: one episode batch, a ``(B, S)`` tensordict. The
   first ``S - trained_steps`` exposed steps take the mean action
@@ -19,7 +19,7 @@ What is TorchRL's and what is ours:
   and a constant critic gives ``R - c`` on every step, the same estimator *without* the per-user
   baseline, which is the variance reduction the group gives.
 * **loss** — TorchRL's ``ClipPPOLoss`` (``clip_epsilon = clip_range``, no entropy bonus,
-  ``functional=False`` so the loss runs the actor's own parameters, i.e. ``policy.denoiser``),
+  ``functional=False`` so the loss runs the actor's own parameters, i.e. ``policy.model``),
   ``inner_epochs`` passes over 4 minibatches of users, plus the shared ``l2`` anchor (as in
   ``ppo``; a ``kl`` anchor is not applied). Optimiser step, gradient clipping and diagnostics
   are :class:`agents.base.Agent`'s. Exploration noise is drawn from the trainer's generator

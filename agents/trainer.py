@@ -35,8 +35,8 @@ from refit_gym.checkpoint import load_checkpoint, package_versions, save_checkpo
 from refit_gym.config import ExperimentConfig, resolve_device
 from refit_gym.data.interactions import InteractionData
 from refit_gym.envs.core import DenoisingMDP
-from refit_gym.evaluation.evaluator import evaluate
-from refit_gym.models.base import DiffusionRecommender
+from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
+from refit_gym.models.base import BaseModel
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import TrainingInteractions
 from refit_gym.training.run_log import CsvLogger, plot_curves
@@ -48,7 +48,7 @@ STATE_DIR = "trainer_state"
 class FinetuneResult:
     """What a fine-tuning run produced."""
 
-    model: DiffusionRecommender
+    model: BaseModel
     pretrained_metrics: dict[str, dict[str, float]]
     best_metrics: dict[str, dict[str, float]]
     best_update: int
@@ -71,7 +71,7 @@ class UserSampler:
         return users
 
 
-def build_learner(settings: FinetuneConfig, base: DiffusionRecommender, data: InteractionData,
+def build_learner(settings: FinetuneConfig, base: BaseModel, data: InteractionData,
                   device: torch.device | str = "cpu"):
     """The agent ``settings.agent`` over a fresh env core and a trainable copy of ``base``.
 
@@ -90,7 +90,7 @@ def build_learner(settings: FinetuneConfig, base: DiffusionRecommender, data: In
     )
     policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
                              settings.log_prob_reduction).to(device)
-    return build_agent(settings.agent, policy, core, base.denoiser, settings)
+    return build_agent(settings.agent, policy, core, base, settings)
 
 
 def finetune(
@@ -126,12 +126,12 @@ def finetune(
     base, _ = load_checkpoint(pretrained, data, device=device)
     learner = build_learner(settings, base, data, device)
     policy, core = learner.policy, learner.core
-    finetuned = DiffusionRecommender(policy.denoiser, base.diffusion, base.history, base.noise_steps, base.config)
-    finetuned.model_name = base.model_name
+    finetuned = policy.model  # the trainable copy of the base model, evaluated and checkpointed as is
     sampler = UserSampler(data.n_users, settings.users_per_batch)
+    protocol = protocol_from_config(config.evaluation, finetuned)
 
     def validate() -> dict[str, dict[str, float]]:
-        return evaluate(finetuned, data, splits=("valid", "test"), ks=config.evaluation.ks,
+        return evaluate(finetuned, data, splits=("valid", "test"), ks=config.evaluation.ks, protocol=protocol,
                         batch_size=config.evaluation.batch_size, device=device).metrics
 
     state = {"update": 0, "best": -math.inf, "best_update": 0, "stale": 0, "elapsed": 0.0}

@@ -1,7 +1,8 @@
-"""Overhead of the env fronts over a raw torch loop: one full DiffRec chain for a batch of users.
+"""Overhead of the env fronts over a raw torch loop: one full reverse chain for a batch of users.
 
-Each repetition runs a full ``T``-step reverse chain (ML-1M: T = 40) for ``--batch`` users with
-the DiffRec denoiser as the policy in ``x0`` mode (the action is the denoiser's ``x0`` estimate;
+Each repetition runs a full ``T``-step reverse chain (``ReFiT-ML1M-v0``, DiffRec: T = 40; any
+scenario with ``--scenario``) for ``--batch`` users with the base model's denoiser as the policy
+in ``x0`` mode (the action is the denoiser's ``x0`` estimate;
 the env applies the posterior step plus the schedule's noise, i.e. the base model's own
 stochastic chain) and computes the terminal reward (the default held-out log-likelihood):
 
@@ -16,7 +17,7 @@ since other processes share the machine. Targets: b/a <= 1.10, c/a <= 1.3.
 
 Usage::
 
-    python benchmarks/bench_env.py --data /work/shared/data/diffrec_ml-1m_clean [--checkpoint DIR]
+    python benchmarks/bench_env.py [--scenario ReFiT-ML1M-v0] [--data DIR] [--checkpoint DIR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ import torch
 
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.data import load_dataset
-from refit_gym.data.sparse_rows import SparseRows
-from refit_gym.envs.core import recent_held_out_matrix
-from refit_gym.envs.factory import DEFAULT_REWARD, _fresh_model, _ml1m_config
+from refit_gym.data.history import SequenceTable
+from refit_gym.envs.core import held_out_counts_tensor
+from refit_gym.envs.factory import DEFAULT_REWARD
+from refit_gym.envs.policies import diffusion_step
+from refit_gym.envs.scenarios import scenario_for
 from refit_gym.envs.torchrl_env import DenoisingTorchRLEnv
 from refit_gym.envs.vector_env import DenoisingVectorEnv
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import EpisodeBatch, TrainingInteractions
+from refit_gym.training.cache import fresh_model
 
 
 def peak_rss_mb() -> float:
@@ -55,10 +59,10 @@ def current_rss_mb() -> float:
 class RawLoop:
     """(a): the chain written out in torch, no env."""
 
-    def __init__(self, model, data, batch: int, device: torch.device) -> None:
+    def __init__(self, scenario: str, model, data, batch: int, device: torch.device) -> None:
         self.model, self.batch, self.device = model, batch, device
         self.diffusion = model.diffusion
-        self.hidden = SparseRows(recent_held_out_matrix(data.train_sequences, data.n_items, 0.25), device)
+        self.histories = SequenceTable(data.train_sequences, data.n_items, device)
         self.reward = build_reward(DEFAULT_REWARD, TrainingInteractions.from_data(data), device)
         self.std = torch.exp(0.5 * self.diffusion.posterior_log_variance_clipped).tolist()
         self.generator = torch.Generator(device=device)
@@ -68,25 +72,31 @@ class RawLoop:
         rng = np.random.default_rng(seed)
         self.generator.manual_seed(seed)
         users = torch.from_numpy(rng.integers(0, self.model.n_users, size=self.batch)).to(self.device)
-        history = self.model.history_rows(users)
-        held_out = (self.hidden.dense(users) > 0) & (history > 0)
-        visible = history * (~held_out)
-        x = visible
+        history = self.histories.batch(users)
+        lengths = history.lengths()
+        recent = history.visible_rank() >= (lengths - held_out_counts_tensor(lengths, 0.25)).unsqueeze(1)
+        shown = history.hide(recent)
+        visible = shown.item_mask()
+        held_out = history.item_mask() & ~visible
+        inputs = self.model.encode(shown)
+        x = self.model.start_state(inputs, torch.randn(self.batch, self.model.state_dim, generator=self.generator,
+                                                       device=self.device))
         for t in reversed(range(self.diffusion.steps)):
-            x0 = self.model.denoiser(x, self.diffusion.timestep_tensor(t, self.batch, self.device))
+            step = self.diffusion.timestep_tensor(t, self.batch, self.device)
+            x0 = self.diffusion.predict_x0(self.model.denoise(x, step, **inputs.condition), x, t)
             x = self.diffusion.q_posterior_mean_variance(x0, x, t)[0]
             if t > 0:
                 x = x + self.std[t] * torch.randn(x.shape, generator=self.generator, device=self.device)
-        episode = EpisodeBatch(users=users, visible=visible, held_out=held_out)
+        episode = EpisodeBatch(users=users, visible=visible.float(), held_out=held_out)
         return self.reward(self.model.item_scores(x), episode)
 
 
 class VectorLoop:
     """(b): the Gymnasium vector front."""
 
-    def __init__(self, model, data, batch: int, device: torch.device) -> None:
-        self.env = DenoisingVectorEnv("ml1m", num_envs=batch, data=data, model=model, device=device)
-        self.denoiser, self.diffusion, self.device = self.env.core.denoiser, self.env.core.model.diffusion, device
+    def __init__(self, scenario: str, model, data, batch: int, device: torch.device) -> None:
+        self.env = DenoisingVectorEnv(scenario, num_envs=batch, data=data, model=model, device=device)
+        self.model, self.device = self.env.core.model, device
 
     @torch.no_grad()
     def run(self, seed: int) -> np.ndarray:
@@ -94,25 +104,29 @@ class VectorLoop:
         terminated = np.zeros(self.env.num_envs, dtype=bool)
         while not terminated.all():
             x_t = torch.from_numpy(obs["x_t"]).to(self.device)
-            step = torch.from_numpy(obs["t"][:, 0] - 1).to(self.device)
-            action = self.denoiser(x_t, step).cpu().numpy()
-            obs, reward, terminated, _, _ = self.env.step(action)
+            step = diffusion_step(torch.from_numpy(obs["t"])).to(self.device)
+            condition = {name: torch.from_numpy(obs[name]).to(self.device) for name in self.model.condition_spec()}
+            x0 = self.model.diffusion.predict_x0(self.model.denoise(x_t, step, **condition), x_t, step)
+            obs, reward, terminated, _, _ = self.env.step(x0.cpu().numpy())
         return reward
 
 
 class TorchRLLoop:
     """(c): the TorchRL front (a step loop; the trajectory is not stored)."""
 
-    def __init__(self, model, data, batch: int, device: torch.device) -> None:
-        self.env = DenoisingTorchRLEnv("ml1m", num_envs=batch, data=data, model=model, device=device)
-        self.denoiser = self.env.core.denoiser
+    def __init__(self, scenario: str, model, data, batch: int, device: torch.device) -> None:
+        self.env = DenoisingTorchRLEnv(scenario, num_envs=batch, data=data, model=model, device=device)
+        self.model = self.env.core.model
 
     @torch.no_grad()
     def run(self, seed: int) -> torch.Tensor:
         self.env.set_seed(seed)
         td = self.env.reset()
         while True:
-            td["action"] = self.denoiser(td["x_t"], td["t"].squeeze(-1) - 1)
+            step = diffusion_step(td["t"])
+            condition = {name: td[name] for name in self.model.condition_spec()}
+            x0 = self.model.denoise(td["x_t"], step, **condition)
+            td["action"] = self.model.diffusion.predict_x0(x0, td["x_t"], step)
             td = self.env.step(td)["next"]
             if bool(td["done"].all()):
                 return td["reward"]
@@ -120,10 +134,10 @@ class TorchRLLoop:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=os.path.join(os.environ.get("REFIT_GYM_DATA", "."), "diffrec_ml-1m_clean"),
-                        help="the diffrec_ml-1m_clean folder")
+    parser.add_argument("--scenario", default="ReFiT-ML1M-v0", help="env id (its dataset and base model)")
+    parser.add_argument("--data", default=None, help="the dataset (default: the scenario's, from $REFIT_GYM_DATA)")
     parser.add_argument("--checkpoint", default=None,
-                        help="a base-model checkpoint (default: a freshly initialised DiffRec)")
+                        help="a base-model checkpoint (default: the scenario's model, freshly initialised)")
     parser.add_argument("--batch", type=int, default=256, help="users per rollout")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions of (a, b, c)")
     parser.add_argument("--device", default="cpu")
@@ -134,21 +148,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    data = load_dataset(Path(args.data))
+    config = scenario_for(args.scenario).experiment()
+    data = load_dataset(args.data or config.data.dataset, data_dir=config.data.data_dir)
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint, data, device="cpu")
     else:
-        model = _fresh_model(_ml1m_config(), data)
+        model = fresh_model(config, data)
     model.eval().requires_grad_(False)
     model = model.to(device)
-    print(f"data {data.name}: {data.n_users} users x {data.n_items} items; base "
-          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'freshly initialised DiffRec'}; "
+    print(f"{args.scenario}: data {data.name}: {data.n_users} users x {data.n_items} items; base "
+          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'freshly initialised ' + model.name}; "
           f"T = {model.diffusion.steps}; batch {args.batch}; device {device}; {torch.get_num_threads()} threads")
 
     variants = {}
     memory = {"baseline": {"peak_rss_mb_after_warmup": peak_rss_mb(), "rss_mb_after_warmup": current_rss_mb()}}
     for name, cls in (("a_raw", RawLoop), ("b_vector", VectorLoop), ("c_torchrl", TorchRLLoop)):
-        variants[name] = cls(model, data, args.batch, device)
+        variants[name] = cls(args.scenario, model, data, args.batch, device)
         variants[name].run(seed=10_000)  # warm-up
         memory[name] = {"peak_rss_mb_after_warmup": peak_rss_mb(), "rss_mb_after_warmup": current_rss_mb()}
 
@@ -159,7 +174,7 @@ def main() -> None:
             start = time.perf_counter()
             reward = variant.run(seed=repeat)
             times[name].append(time.perf_counter() - start)
-            rewards[name].append(float(np.mean(np.asarray(reward))))
+            rewards[name].append(float(torch.as_tensor(reward).float().mean().cpu()))  # numpy or any device
 
     steps = model.diffusion.steps
     b_over_a = [b / a for a, b in zip(times["a_raw"], times["b_vector"])]

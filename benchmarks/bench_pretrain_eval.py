@@ -37,6 +37,7 @@ from refit_gym.runtime import tune_cpu_runtime
 from refit_gym.data import load_dataset
 from refit_gym.evaluation.evaluator import evaluate
 from refit_gym.models import build_model
+from refit_gym.data.history import SequenceTable
 
 
 def official_style_metrics(predicted: list[list[int]], truth: list[set[int]], ks=(10, 20, 50, 100)) -> dict:
@@ -67,8 +68,9 @@ def official_style_round(model, data, batch_size: int) -> dict:
     for split in ("valid", "test"):
         seen, truth_matrix = data.seen_before(split), data.split(split)
         predicted = []
+        histories = SequenceTable(data.train_sequences, data.n_items)
         for users in torch.arange(data.n_users).split(batch_size):
-            scores = model.score(users)
+            scores = model.score(histories.batch(users))
             block = seen[users.numpy()]
             rows = np.repeat(np.arange(len(users)), np.diff(block.indptr))
             scores[torch.from_numpy(rows), torch.from_numpy(block.indices.astype(np.int64))] = -np.inf

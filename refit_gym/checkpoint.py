@@ -1,10 +1,11 @@
-"""Checkpoints: a folder with the denoiser's weights (safetensors) and a JSON description.
+"""Checkpoints: a folder with a base model's trainable state (safetensors) and a JSON description.
 
 Layout of a checkpoint directory::
 
-    model.safetensors   the denoiser's state_dict (no pickle: loading never runs code)
-    config.json         the experiment config, the base model's name and shape, the data summary,
-                        the seed and package versions
+    model.safetensors   the model's ``state_dict()``: every trainable tensor (denoiser, item
+                        embeddings, encoders); no pickle, so loading never runs code
+    config.json         the experiment config (the model section names the model class), the
+                        model's shape, the data summary, the seed and package versions
     metrics.json        (optional) the metrics measured when it was saved
 
 Files are written to a temporary name and renamed, so an interrupted save never leaves a
@@ -25,9 +26,11 @@ from safetensors.torch import load_file, save_file
 from refit_gym.config import ExperimentConfig, config_from_dict
 from refit_gym.data.interactions import InteractionData
 from refit_gym.errors import CheckpointError
-from refit_gym.models import build_model
-from refit_gym.models.base import DiffusionRecommender, check_data_matches
+from refit_gym.models import BaseModel, build_model
 
+FORMAT = "refit-gym-checkpoint/2"
+"""Version 2 saves the whole model's ``state_dict``; version 1 saved DiffRec's denoiser alone
+(its keys without the ``denoiser.`` prefix), which :func:`load_checkpoint` still reads."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -58,9 +61,19 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_data_matches(model_shape: dict[str, Any], data: InteractionData, where: str = "the model") -> None:
+    """Raise ``CheckpointError`` if a recorded model shape differs from the data it is used with."""
+    expected = (model_shape.get("n_users"), model_shape.get("n_items"))
+    if expected != (data.n_users, data.n_items):
+        raise CheckpointError(
+            f"{where} was built for {expected[0]} users x {expected[1]} items but the data "
+            f"{data.name!r} has {data.n_users} x {data.n_items}"
+        )
+
+
 def save_checkpoint(
     directory: str | Path,
-    model: DiffusionRecommender,
+    model: BaseModel,
     config: ExperimentConfig,
     data: InteractionData,
     metrics: Optional[dict[str, Any]] = None,
@@ -69,14 +82,14 @@ def save_checkpoint(
     """Save ``model`` (weights + config) so that :func:`load_checkpoint` rebuilds it exactly."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.denoiser.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, directory / WEIGHTS_FILE)
     description = {
-        "format": "refit-gym-checkpoint/1",
-        "model_name": model.model_name,
-        "model_shape": model.config,
+        "format": FORMAT,
+        "model_name": model.name,
+        "model_shape": model.describe(),
         "experiment": config.to_dict(),
         "data": data.summary(),
         "versions": package_versions(),
@@ -86,6 +99,15 @@ def save_checkpoint(
     if metrics is not None:
         write_json_atomic(directory / METRICS_FILE, metrics)
     return directory
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ``CheckpointError`` when it is truncated or corrupted."""
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read "
+                              f"({type(error).__name__}: {error})") from None
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
@@ -103,20 +125,22 @@ def load_checkpoint(
     directory: str | Path,
     data: InteractionData,
     device: torch.device | str = "cpu",
-) -> tuple[DiffusionRecommender, ExperimentConfig]:
+) -> tuple[BaseModel, ExperimentConfig]:
     """Rebuild the model saved in ``directory`` for ``data`` and load its weights (no unpickling)."""
     directory = Path(directory)
     description = read_checkpoint_config(directory)
     config = config_from_dict(description["experiment"])
-    check_data_matches(description.get("model_shape", {}), data)
+    check_data_matches(description.get("model_shape", {}), data, where=f"the checkpoint {directory}")
     model = build_model(config.model, config.diffusion, data, device="cpu")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")
+    state = read_weights(weights)
+    if description.get("format") == "refit-gym-checkpoint/1":  # DiffRec's denoiser alone
+        state = {f"denoiser.{key}": value for key, value in state.items()}
     try:
-        state = load_file(str(weights))
-        model.denoiser.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError) as error:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
         raise CheckpointError(f"{weights} does not match the model in {CONFIG_FILE}: {error}") from None
     model.eval()
     return model.to(device), config

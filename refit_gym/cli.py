@@ -86,7 +86,7 @@ def cmd_pretrain(args) -> int:
 def cmd_evaluate(args) -> int:
     from refit_gym.checkpoint import load_checkpoint, read_checkpoint_config
     from refit_gym.config import resolve_device
-    from refit_gym.evaluation.evaluator import evaluate
+    from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 
     description = read_checkpoint_config(args.checkpoint)
     experiment = description["experiment"]
@@ -95,6 +95,7 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.device or "auto")
     model, config = load_checkpoint(args.checkpoint, data, device=device)
     result = evaluate(model, data, splits=(args.split,), ks=config.evaluation.ks, batch_size=config.evaluation.batch_size,
+                      protocol=protocol_from_config(config.evaluation, model),
                       device=device, export_topk=args.k if args.export_topk else None, progress=not args.no_progress)
     if args.export_topk:
         _write_topk(args.export_topk, result.top_items[args.split])
@@ -127,7 +128,7 @@ def cmd_baseline(args) -> int:
 
 def cmd_finetune(args) -> int:
     from agents.trainer import finetune
-    from refit_gym.training.pretrain import pretrained_checkpoint
+    from refit_gym.training.cache import pretrained_checkpoint
 
     config = _experiment(args)
     data = _load_data(config.data.dataset, config.data.data_dir)
@@ -141,7 +142,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from refit_gym.training.pipeline import run_main_job
+    from agents.pipeline import run_main_job
 
     config = _experiment(args)
     run_main_job(config, args.output, pretrained=args.pretrained, progress=not args.no_progress, log=_log)

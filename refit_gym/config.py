@@ -28,18 +28,11 @@ class DataConfig:
     """Data directory; default ``$REFIT_GYM_DATA``, then the user cache directory."""
 
 
-@dataclass
-class ModelConfig:
-    name: str = "diffrec"
-    """Base model (see ``refit_gym.models.MODELS``)."""
-    dims: list[int] = field(default_factory=lambda: [200, 600])
-    """Hidden sizes of the denoiser's decoder half (DiffRec ML-1M: [200, 600])."""
-    time_emb_dim: int = 10
-    """Size of the timestep embedding."""
-    dropout: float = 0.5
-    """Dropout on the denoiser's input vector (training mode only)."""
-    norm: bool = False
-    """L2-normalise the input vector."""
+def _model_section(values: Any) -> Any:
+    """The typed ``model`` section: its ``name`` picks the base model's own config dataclass."""
+    from refit_gym.models.base import model_config
+
+    return model_config(values)
 
 
 @dataclass
@@ -105,6 +98,12 @@ class EvaluationConfig:
     """Cut-offs of the ranking metrics."""
     batch_size: int = 1024
     """Users per evaluation batch."""
+    protocol: Optional[str] = None
+    """``cf`` (train history in, seen items masked; recall / ndcg / precision / mrr) or
+    ``sequential`` (leave-one-out; hr / ndcg); default: the base model's own."""
+    mask_history: Optional[bool] = None
+    """Exclude items seen before the split from the ranking; default: True for ``cf``, False for
+    ``sequential`` (DiffuRec ranks history items too)."""
 
 
 @dataclass
@@ -116,7 +115,10 @@ class ExperimentConfig:
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``..."""
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=lambda: _model_section({"name": "diffrec"}),
+                       metadata={"build": _model_section})
+    """The base model: ``name`` and that model's own fields (``refit_gym.models``; unknown keys
+    are refused with the valid ones listed)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -172,7 +174,12 @@ def check_field_type(where: str, field_: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{where} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls, values: Any, where: str):
+def build_section(cls, values: Any, where: str):
+    """An instance of the config dataclass ``cls`` from a mapping (nested sections recursively).
+
+    Raises:
+        ConfigError: unknown keys (the known ones are listed) or a value of the wrong type.
+    """
     if values is None:
         return cls()
     if not isinstance(values, dict):
@@ -183,9 +190,13 @@ def _build(cls, values: Any, where: str):
         raise ConfigError(f"unknown key(s) {unknown} in config section {where!r}; known: {sorted(known)}")
     kwargs = {}
     for name, value in values.items():
+        builder = known[name].metadata.get("build")
+        if builder is not None:
+            kwargs[name] = builder(value)
+            continue
         default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
+            kwargs[name] = build_section(type(default), value, f"{where}.{name}" if where else name)
         else:
             check_field_type(f"{where}.{name}" if where else name, known[name], value)
             kwargs[name] = value
@@ -194,7 +205,7 @@ def _build(cls, values: Any, where: str):
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from a nested mapping (unknown keys raise ``ConfigError``)."""
-    return _build(ExperimentConfig, values, "")
+    return build_section(ExperimentConfig, values, "")
 
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"

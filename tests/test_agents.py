@@ -82,9 +82,9 @@ def test_kl_to_the_pretrained_ranking_starts_at_zero_and_matches_torch_distribut
     with torch.no_grad():  # the reference: two Categoricals over the items not in the input
         keep = rollout.episode.visible <= 0
         x0 = agent.policy.predict_x0(rollout.states[-1], rollout.remaining[-1])
-        agent.policy.denoiser, trained = agent.reference, agent.policy.denoiser
+        agent.policy.model, trained = agent.reference, agent.policy.model
         x0_pretrained = agent.policy.predict_x0(rollout.states[-1], rollout.remaining[-1])
-        agent.policy.denoiser = trained
+        agent.policy.model = trained
     tau = agent.config.likelihood_temperature
     for row in range(len(users)):
         p = torch.distributions.Categorical(logits=x0[row, keep[row]] / tau)

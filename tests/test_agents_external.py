@@ -64,11 +64,11 @@ def test_agent_trains_the_shared_denoiser_in_place_and_improves_its_reward(tiny_
     _needs(agent_name)
     agent, _ = _setup(tiny_data, tiny_pretrained, agent_name, lr=3e-3, reward=REWARD, anchor="none",
                       log_prob_reduction="mean", inner_epochs=2)
-    denoiser = agent.policy.denoiser
+    denoiser = agent.policy.model
     weights = [p.detach().clone() for p in denoiser.parameters()]
     before, after, diagnostics = train_tiny(agent)
 
-    assert agent.policy.denoiser is denoiser
+    assert agent.policy.model is denoiser
     assert any(not torch.equal(p, w) for p, w in zip(denoiser.parameters(), weights))
     expected = ({"loss_objective", "clip_fraction", "kl_approx", "ESS", "grad_norm"} if agent_name == "torchrl-ppo"
                 else {"approx_kl", "clip_fraction", "loss", "policy_gradient_loss", "value_loss", "grad_norm"})
@@ -105,12 +105,12 @@ def test_sb3_policy_keeps_the_pretrained_weights_and_the_log_prob_convention(tin
 
     agent, base = _setup(tiny_data, tiny_pretrained, "sb3-ppo", log_prob_reduction=reduction)
     sb3_policy = agent.model.policy
-    for p, p0 in zip(agent.policy.denoiser.parameters(), base.denoiser.parameters()):
+    for p, p0 in zip(agent.policy.model.parameters(), base.denoiser.parameters()):
         assert torch.equal(p, p0)  # ortho_init=False: construction left the pretrained weights alone
     assert isinstance(sb3_policy.action_net, torch.nn.Identity)
     assert sb3_policy.log_std is agent.policy.log_std
     optimised = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
-    assert {id(p) for p in agent.policy.denoiser.parameters()} <= optimised
+    assert {id(p) for p in agent.policy.model.parameters()} <= optimised
     assert sum(p.numel() for p in sb3_policy.parameters()) < sum(p.numel() for p in base.denoiser.parameters()) + 100
 
     observation, _, _ = agent._start_episodes(np.arange(32), np.random.default_rng(0))

@@ -211,4 +211,6 @@ def test_fused_posterior_step_equals_the_unfused_chain():
     for t in reversed(range(40)):
         expected = diffusion.p_mean_variance(net, expected, t)["mean"]
     torch.testing.assert_close(diffusion.sample(net, x), expected, rtol=1e-5, atol=1e-6)
+    fused = diffusion.sample(net, x, posterior_mean=net.posterior_mean)  # the fused-step protocol
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(x, original)  # the caller's start vector is not modified

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from refit_gym.data import UserSequences, make_synthetic
+from refit_gym.data.history import SequenceTable
 from refit_gym.envs.core import (
     DenoisingMDP,
     held_out_counts,
@@ -33,7 +34,7 @@ def data():
 
 
 def make_core(data, batch_size=4, **kwargs) -> DenoisingMDP:
-    return build_env_parts("synthetic", batch_size=batch_size, data=data, pretrained=False, **kwargs).core
+    return build_env_parts("ReFiT-Synthetic-v0", batch_size=batch_size, data=data, pretrained=False, **kwargs).core
 
 
 def base_rollout(core: DenoisingMDP, seed: int, steps: int | None = None) -> tuple[list, list]:
@@ -42,7 +43,7 @@ def base_rollout(core: DenoisingMDP, seed: int, steps: int | None = None) -> tup
     obs = core.reset(rng)
     states, rewards = [obs["x_t"]], []
     for _ in range(core.exposed_steps if steps is None else steps):
-        action = denoiser_action(core.denoiser, core.model.diffusion, obs["x_t"], obs["t"], core.action_mode)
+        action = denoiser_action(core.model.denoise, core.model.diffusion, obs["x_t"], obs["t"], core.action_mode)
         result = core.step(action)
         obs = result.observation
         states.append(obs["x_t"])
@@ -85,7 +86,7 @@ def test_recent_holdout_hides_the_end_of_each_sequence():
 def test_visible_and_held_out_partition_the_training_row(data, holdout):
     core = make_core(data, batch_size=8, holdout=holdout)
     core.reset(np.random.default_rng(0))
-    history = core.model.history_rows(core.users)
+    history = torch.from_numpy(data.train[core.users.numpy()].toarray())
     episode = core.episode()
     assert torch.equal(episode.visible + episode.held_out.float(), history)
     assert episode.held_out.dtype == torch.bool
@@ -149,7 +150,8 @@ def test_base_policy_in_x_prev_mode_reproduces_diffrec_scoring(data):
     """The deterministic mean path through the env equals the model's own evaluation scores."""
     core = make_core(data, action_mode="x_prev", holdout="none")
     states, _ = base_rollout(core, seed=0)
-    assert torch.allclose(states[-1], core.model.score(core.users), atol=1e-5)
+    histories = SequenceTable(data.train_sequences, data.n_items).batch(core.users)
+    assert torch.allclose(states[-1], core.model.score(histories), atol=1e-5)
 
 
 def test_hidden_prefix_is_run_by_the_base_model(data):
@@ -369,9 +371,10 @@ def test_bad_reset_arguments_raise_config_error(data, options):
 
 
 def test_env_keeps_its_own_frozen_model(data):
-    from refit_gym.envs.factory import _fresh_model, _synthetic_config
+    from refit_gym.config import load_config
+    from refit_gym.training.cache import fresh_model
 
-    model = _fresh_model(_synthetic_config(N_USERS, N_ITEMS, 0), data)
+    model = fresh_model(load_config("synthetic"), data)
     model.train()
     core = DenoisingMDP(model, build_reward("loglik", data), TrainingInteractions.from_data(data))
     assert core.model is not model

@@ -17,7 +17,7 @@ from refit_gym.envs.gym_env import DenoisingEnv
 from refit_gym.envs.policies import denoiser_action
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError
 
-SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
+SMALL = {"pretrained": False, "dataset": "synthetic:n_users=60,n_items=40,seed=0"}
 NORMALISED_BOX_ADVICE = "we recommend using a symmetric and normalized space"
 
 

@@ -16,10 +16,11 @@ import refit_gym
 from refit_gym.envs import factory
 from refit_gym.envs.gym_env import DenoisingEnv
 from refit_gym.envs.registration import list_envs, register_envs
+from refit_gym.envs.scenarios import scenario_for
 from refit_gym.envs.vector_env import DenoisingVectorEnv
 from refit_gym.errors import ConfigError
 
-IDS = ("ReFiT-Synthetic-v0", "ReFiT-ML1M-v0")
+IDS = ("ReFiT-ML1M-v0", "ReFiT-ML1M-CFDiff-v0", "ReFiT-ML1M-TDiffRec-v0", "ReFiT-Synthetic-v0")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +33,7 @@ def test_ids_are_registered_with_both_entry_points():
         assert spec.entry_point == "refit_gym.envs.gym_env:DenoisingEnv"
         assert spec.vector_entry_point == "refit_gym.envs.vector_env:DenoisingVectorEnv"
         assert spec.max_episode_steps is None
-    assert [env_id for env_id, _ in list_envs()] == list(IDS)
+    assert sorted(env_id for env_id, _ in list_envs()) == sorted(IDS)
     assert all(isinstance(text, str) and text and "\n" not in text for _, text in list_envs())
 
 
@@ -45,7 +46,7 @@ def test_registering_again_or_reimporting_never_warns():
 
 
 def test_module_prefixed_ids_and_make_vec():
-    small = {"pretrained": False, "n_users": 60, "n_items": 40}
+    small = {"pretrained": False, "dataset": "synthetic:n_users=60,n_items=40,seed=0"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         env = gym.make("refit_gym:ReFiT-Synthetic-v0", **small)
@@ -57,7 +58,7 @@ def test_module_prefixed_ids_and_make_vec():
     with pytest.raises(ConfigError, match="unknown environment"):
         refit_gym.make_torchrl_env("ReFiT-Nope-v0")
     with pytest.raises(ConfigError, match="n_users"):
-        gym.make("ReFiT-ML1M-v0", n_users=10)
+        gym.make("ReFiT-ML1M-v0", n_users=10)  # the dataset is chosen with dataset="synthetic:n_users=..."
 
 
 def test_synthetic_base_is_pretrained_once_and_cached_on_disk(tmp_path, monkeypatch):
@@ -91,24 +92,28 @@ def _base_policy_return(env) -> float:
         obs, _ = env.reset(seed=user, options={"users": user})
         terminated = False
         while not terminated:
-            action = denoiser_action(core.denoiser, core.model.diffusion, torch.from_numpy(obs["x_t"])[None],
+            action = denoiser_action(core.model.denoise, core.model.diffusion, torch.from_numpy(obs["x_t"])[None],
                                      torch.from_numpy(obs["t"])[None])[0].numpy()
             obs, reward, terminated, _, _ = env.step(action)
         total += reward
     return total
 
 
-def test_ml1m_preset_reads_the_shipped_config():
-    written = yaml.safe_load((REPO / "configs" / "ml1m_diffrec.yaml").read_text())
-    ours = factory._ml1m_config().to_dict()
+@pytest.mark.parametrize("env_id", IDS)
+def test_each_id_is_the_shipped_yaml_that_names_it(env_id):
+    scenario = scenario_for(env_id)
+    written = yaml.safe_load(scenario.path.read_text())
+    assert scenario.path.parent == REPO / "refit_gym" / "configs" and written["env"]["id"] == env_id
+    ours = scenario.experiment().to_dict()
     for section in ("model", "diffusion", "pretrain"):
         for key, value in written.get(section, {}).items():
             assert ours[section][key] == value, f"{section}.{key}"
+    assert scenario.versions and all(line.startswith("v") for line in scenario.versions)
 
 
 @pytest.mark.real_data
 def test_ml1m_env_with_a_fresh_base_on_real_data(real_data_dir):
-    env = DenoisingVectorEnv("ml1m", num_envs=4, data_dir=real_data_dir, checkpoint=None, pretrained=False)
+    env = DenoisingVectorEnv("ReFiT-ML1M-v0", num_envs=4, data_dir=real_data_dir, checkpoint=None, pretrained=False)
     obs, _ = env.reset(seed=0)
     assert obs["x_t"].shape == (4, 2810) and obs["t"].ravel().tolist() == [40] * 4
     assert env.core.n_users == 5949

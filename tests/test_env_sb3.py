@@ -15,7 +15,7 @@ pytest.importorskip("stable_baselines3")
 from stable_baselines3 import PPO  # noqa: E402
 from stable_baselines3.common.env_checker import check_env  # noqa: E402
 
-SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
+SMALL = {"pretrained": False, "dataset": "synthetic:n_users=60,n_items=40,seed=0"}
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -20,7 +19,7 @@ from refit_gym.envs.policies import DenoiserPolicy
 from refit_gym.envs.torchrl_env import DenoisingTorchRLEnv
 from refit_gym.errors import ActionError, EpisodeStateError
 
-SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
+SMALL = {"pretrained": False, "dataset": "synthetic:n_users=60,n_items=40,seed=0"}
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -47,8 +46,8 @@ def test_check_env_specs_collector_and_ppo_backward(action_mode):
 
     base = env.base_model
     frozen_before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
-    denoiser = copy.deepcopy(base.denoiser).requires_grad_(True)
-    head = DenoiserPolicy(denoiser, base.diffusion, action_mode, log_std_init=-3.0)
+    head = DenoiserPolicy(base, action_mode, log_std_init=-3.0)  # a trainable copy of the base model
+    denoiser = head.model.denoiser
     actor = ProbabilisticActor(
         TensorDictModule(head, in_keys=["x_t", "t"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],

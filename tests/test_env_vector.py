@@ -14,7 +14,7 @@ from refit_gym.envs.gym_env import DenoisingEnv
 from refit_gym.envs.vector_env import DenoisingVectorEnv
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError
 
-SMALL = {"pretrained": False, "n_users": 60, "n_items": 40}
+SMALL = {"pretrained": False, "dataset": "synthetic:n_users=60,n_items=40,seed=0"}
 N_ITEMS = 40
 
 
@@ -35,7 +35,7 @@ def run_episodes(env, seed: int, episodes: int = 2, batched: bool = True):
             obs, _ = env.reset()
         observations.append(obs)
         for step in range(env.core.exposed_steps):
-            actions = actions_for(step, env.num_envs if batched else 1, env.core.n_items)  # row 0 is the same
+            actions = actions_for(step, env.num_envs if batched else 1, env.core.state_dim)  # row 0 is the same
             obs, reward, terminated, truncated, _ = env.step(actions if batched else actions[0])
             observations.append(obs)
             rewards.append(reward)

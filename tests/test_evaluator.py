@@ -12,7 +12,7 @@ import torch
 
 from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
 from refit_gym.errors import ConfigError, DataError
-from refit_gym.evaluation import EvaluationResult, Recommender, evaluate, ranking_metrics
+from refit_gym.evaluation import EvaluationProtocol, EvaluationResult, check_recommender, evaluate, ranking_metrics
 
 
 def tiny_data(n_users=23, n_items=40, seed=0) -> InteractionData:
@@ -45,7 +45,7 @@ def tiny_data(n_users=23, n_items=40, seed=0) -> InteractionData:
 
 
 class FixedScores:
-    """Distinct random scores per (user, item); records every call (a spy)."""
+    """Distinct random scores per (user, item); records every call's users and histories (a spy)."""
 
     def __init__(self, n_users, n_items, seed=0):
         gen = torch.Generator().manual_seed(seed)
@@ -53,10 +53,12 @@ class FixedScores:
         self.table = table.reshape(n_users, n_items)
         self.n_items = n_items
         self.calls: list[list[int]] = []
+        self.histories = []
 
-    def score(self, users: torch.Tensor) -> torch.Tensor:
-        self.calls.append(users.tolist())
-        return self.table[users]
+    def score(self, history) -> torch.Tensor:
+        self.calls.append(history.users.tolist())
+        self.histories.append(history)
+        return self.table[history.users]
 
 
 def reference_means(table, data: InteractionData, split: str, k: int) -> dict[str, float]:
@@ -84,7 +86,7 @@ def test_metrics_match_plain_python_reference():
     data = tiny_data()
     rec = FixedScores(data.n_users, data.n_items)
     result = evaluate(rec, data, ks=(3, 10))
-    assert isinstance(rec, Recommender)
+    assert check_recommender(rec) == data.n_items
     assert list(result.metrics) == ["valid", "test"]
     for split in ("valid", "test"):
         for k in (3, 10):
@@ -143,7 +145,8 @@ def test_recommender_storage_is_not_modified():
     data = tiny_data()
 
     class SliceScores(FixedScores):
-        def score(self, users):
+        def score(self, history):
+            users = history.users
             return self.table[int(users[0]) : int(users[-1]) + 1]  # a view of the table
 
     rec = SliceScores(data.n_users, data.n_items)
@@ -175,8 +178,32 @@ def test_sequential_protocol_keys():
         train_sequences=data.train_sequences,
     )
     rec = FixedScores(loo.n_users, loo.n_items)
-    result = evaluate(rec, loo, ks=(10, 20), protocol="sequential")
+    result = evaluate(rec, loo, ks=(10, 20), protocol="sequential", batch_size=100)
     assert list(result.metrics["test"]) == ["hr@10", "hr@20", "ndcg@10", "ndcg@20"]
+    # valid is predicted from the training sequence, test from it followed by the valid item
+    valid_history, test_history = rec.histories
+    for u in range(loo.n_users):
+        train = list(loo.train_sequences[u])
+        shown_valid = valid_history.items[u][valid_history.visible[u]].tolist()
+        shown_test = test_history.items[u][test_history.visible[u]].tolist()
+        assert shown_valid == train and shown_test == train + loo.valid[u].indices.tolist()
+    # nothing is excluded by default (DiffuRec); mask_history excludes the history items
+    unmasked = evaluate(rec, loo, ks=(10,), splits="test", protocol="sequential", export_topk=10)
+    masked = evaluate(rec, loo, ks=(10,), splits="test", protocol=EvaluationProtocol("sequential", mask_history=True),
+                      export_topk=10)
+    seen = loo.seen_before("test").toarray() > 0
+    rows = np.arange(loo.n_users)[:, None]
+    assert seen[rows, unmasked.top_items["test"]].any()
+    assert not seen[rows, masked.top_items["test"]].any()
+
+
+def test_cf_histories_are_the_training_sequences_only():
+    data = tiny_data()
+    rec = FixedScores(data.n_users, data.n_items)
+    evaluate(rec, data, ks=(5,), batch_size=100)
+    (history,) = rec.histories
+    rows = history.rows().numpy()
+    np.testing.assert_array_equal(rows, data.train.toarray())  # never a valid or test item
 
 
 def test_bad_inputs_raise_library_errors():
@@ -194,8 +221,8 @@ def test_bad_inputs_raise_library_errors():
         evaluate(rec, data, ks=(10,), protocol="loo")
 
     class WrongShape(FixedScores):
-        def score(self, users):
-            return super().score(users)[:, :-1]
+        def score(self, history):
+            return super().score(history)[:, :-1]
 
     with pytest.raises(DataError, match=r"scores have shape \(23, 39\); expected \(23, 40\)"):
         evaluate(WrongShape(data.n_users, data.n_items), data, ks=(10,), batch_size=100)

@@ -18,6 +18,7 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
+from refit_gym.data.history import HistoryBatch
 from refit_gym.data.interactions import InteractionData
 from refit_gym.errors import NotFittedError
 from refit_gym.errors import ConfigError, DataError
@@ -97,16 +98,14 @@ class EASERecommender:
         self.max_items = int(max_items)
         self.device = torch.device(device)
         self.weights: Optional[torch.Tensor] = None  # float32 (n_items, n_items)
-        self._train: Optional[sp.csr_matrix] = None
 
     def fit(self, train: sp.spmatrix) -> "EASERecommender":
-        """Fit on ``train`` (users x items, binarised); keeps it to score users by id."""
+        """Fit on ``train`` (users x items, binarised)."""
         binary = _check_train(train, self.max_items)
         self._set(binary, ease_weights(gram_matrix(binary), self.l2))
         return self
 
     def _set(self, binary: sp.csr_matrix, weights: np.ndarray) -> None:
-        self._train = binary.astype(np.float32)
         self.weights = torch.from_numpy(weights).to(self.device)
 
     @property
@@ -118,18 +117,19 @@ class EASERecommender:
             raise NotFittedError("EASERecommender is not fitted; call fit(train) first")
         return self.weights
 
-    def score(self, users: torch.Tensor) -> torch.Tensor:
-        """``X[users] @ B``: float32 ``(len(users), n_items)`` on the model's device."""
+    def input_rows(self, history: HistoryBatch) -> torch.Tensor:
+        """``(B, n_items)`` input rows: 1 on each visible history item (EASE's ``X_u``)."""
+        return history.rows()
+
+    def score(self, history: HistoryBatch) -> torch.Tensor:
+        """``X_u @ B`` of the visible histories: float32 ``(B, n_items)`` on the model's device."""
         weights = self._fitted()
-        ids = users.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self._train.shape[0]):
-            raise DataError(
-                f"user ids must lie in [0, {self._train.shape[0]}), got {ids.min()}..{ids.max()}"
-            )
-        rows = self._train[ids]
-        if weights.device.type == "cpu":
-            return torch.from_numpy(np.asarray(rows @ weights.numpy()))  # scipy's sparse @ dense
-        return torch.from_numpy(rows.toarray()).to(weights.device) @ weights
+        if history.n_items != weights.shape[0]:
+            raise DataError(f"the histories have {history.n_items} items but EASE was fitted on {weights.shape[0]}")
+        rows = self.input_rows(history.to_device(weights.device))
+        if weights.device.type == "cpu":  # scipy's sparse @ dense: rows are ~97 % zeros
+            return torch.from_numpy(np.asarray(sp.csr_matrix(rows.numpy()) @ weights.numpy()))
+        return rows @ weights
 
 
 @dataclass

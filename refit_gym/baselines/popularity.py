@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from refit_gym.data.history import HistoryBatch
 from refit_gym.errors import DataError, NotFittedError
 
 
@@ -39,7 +40,7 @@ class PopularityRecommender:
             raise NotFittedError("PopularityRecommender is not fitted; call fit(train) first")
         return self.item_counts
 
-    def score(self, users: torch.Tensor) -> torch.Tensor:
-        """``(len(users), n_items)`` float32: the item counts repeated per user (a fresh tensor)."""
+    def score(self, history: HistoryBatch) -> torch.Tensor:
+        """``(B, n_items)`` float32: the item counts repeated per user (a fresh tensor)."""
         counts = self._fitted()
-        return counts.unsqueeze(0).repeat(len(users), 1)
+        return counts.unsqueeze(0).repeat(history.batch_size, 1)

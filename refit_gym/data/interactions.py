@@ -45,6 +45,24 @@ class UserSequences:
         )
         return cls(indptr=indptr, items=items)
 
+    def extended(self, extra: sp.csr_matrix) -> "UserSequences":
+        """Each user's sequence followed by the stored items of the user's row of ``extra``
+        (in the row's item order): e.g. training followed by validation items, the input of a
+        sequential test."""
+        extra = sp.csr_matrix(extra)
+        if extra.shape[0] != len(self):
+            raise DataError(f"cannot extend {len(self)} sequences with a matrix of {extra.shape[0]} rows")
+        lengths = self.lengths + np.diff(extra.indptr)
+        indptr = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        own = np.arange(len(self.items), dtype=np.int64) + np.repeat(indptr[:-1] - self.indptr[:-1], self.lengths)
+        added = np.arange(extra.nnz, dtype=np.int64) + np.repeat(indptr[:-1] + self.lengths - extra.indptr[:-1],
+                                                                 np.diff(extra.indptr))
+        items = np.empty(indptr[-1], dtype=np.int64)
+        items[own] = self.items
+        items[added] = extra.indices
+        return UserSequences(indptr=indptr, items=items)
+
     @classmethod
     def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_users: int) -> "UserSequences":
         """Group ``(user, item)`` pairs by user, keeping the pairs' order within each user."""
@@ -152,3 +170,24 @@ class InteractionData:
             "n_test": int(self.test.nnz),
             "density": float(self.train.nnz) / (self.n_users * self.n_items),
         }
+
+
+@dataclass(frozen=True)
+class TrainingInteractions:
+    """The only view of a dataset that models and rewards receive: training interactions, nothing else."""
+
+    train: sp.csr_matrix
+    train_sequences: UserSequences
+    name: str = ""
+
+    @classmethod
+    def from_data(cls, data: InteractionData) -> "TrainingInteractions":
+        return cls(train=data.train, train_sequences=data.train_sequences, name=data.name)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.train.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.train.shape[1])

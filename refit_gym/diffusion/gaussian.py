@@ -26,6 +26,8 @@ from refit_gym.diffusion.schedules import make_betas
 from refit_gym.errors import ConfigError
 
 Denoiser = Callable[..., torch.Tensor]
+FusedPosteriorMean = Callable[..., torch.Tensor]
+"""``posterior_mean(x_t, t, coef1, coef2, **context)``: one fused deterministic reverse step."""
 MEAN_TYPES = ("x0", "eps")
 LOG_PROB_REDUCTIONS = ("sum", "mean")
 
@@ -209,12 +211,21 @@ class GaussianDiffusion(nn.Module):
         denoiser: Denoiser,
         x_start: torch.Tensor,
         noise_steps: int = 0,
+        posterior_mean: Optional[FusedPosteriorMean] = None,
         **context,
     ) -> torch.Tensor:
         """DiffRec's evaluation path: the deterministic posterior-mean chain over all T steps.
 
-        A denoiser may provide ``posterior_mean(x_t, t, coef1, coef2)`` (x0-prediction, no
-        context) to compute each step fused (:class:`~refit_gym.models.diffrec.DiffRecMLP` does).
+        Args:
+            denoiser: ``f(x_t, t, **context)``.
+            x_start: where the chain starts: the clean vector, ``q_sample``d to ``noise_steps``
+                first (DiffRec), or the noise ``x_T`` itself with ``noise_steps = 0``.
+            noise_steps: see :meth:`initial_state`.
+            posterior_mean: the fused-step protocol: an optional
+                ``posterior_mean(x_t, t, coef1, coef2) = coef1 * f(x_t, t) + coef2 * x_t`` that
+                computes a step of an x0-predicting denoiser in one pass (DiffRec's fuses its
+                output layer, :meth:`~refit_gym.models.diffrec.DiffRecMLP.posterior_mean`); it
+                receives the context too. ``None``: the unfused step.
         """
         x_t = self.initial_state(x_start, noise_steps)
         if self.noise_scale == 0.0:  # DiffRec: no noise -> plain iterative denoiser
@@ -222,11 +233,11 @@ class GaussianDiffusion(nn.Module):
                 x_t = denoiser(x_t, self.timestep_tensor(t, x_t.shape[0], x_t.device), **context)
             return x_t
         coef1, coef2 = self.posterior_mean_coef1.tolist(), self.posterior_mean_coef2.tolist()
-        fused = getattr(denoiser, "posterior_mean", None) if self.mean_type == "x0" and not context else None
+        fused = posterior_mean if self.mean_type == "x0" else None
         for t in reversed(range(self.steps)):
             step = self.timestep_tensor(t, x_t.shape[0], x_t.device)
-            if fused is not None:  # the denoiser computes c1 * x0 + c2 * x_t itself (fused output layer)
-                x_t = fused(x_t, step, coef1[t], coef2[t])
+            if fused is not None:  # c1 * x0 + c2 * x_t computed by the model itself
+                x_t = fused(x_t, step, coef1[t], coef2[t], **context)
                 continue
             pred_x0 = self.predict_x0(denoiser(x_t, step, **context), x_t, t)
             # the posterior mean c1 * x0 + c2 * x_t in two passes over the batch, no temporaries

@@ -11,7 +11,8 @@ name                       what
 ``DenoisingTorchRLEnv``    TorchRL ``EnvBase`` (:func:`make_torchrl_env`)
 ``make_sb3_vec_env``       Stable-Baselines3 ``VecEnv`` adapter (extra ``refit-gym[sb3]``)
 ``build_env_parts``        the one factory every front uses
-``register_envs``          register the env ids (idempotent; called by ``import refit_gym``)
+``register_envs``          register the shipped scenarios' ids (idempotent; called by ``import refit_gym``)
+``register_scenario``      register a scenario YAML of your own (dataset, base model, reward)
 ``list_envs``              ``[(env id, description)]``
 =========================  ============================================================
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from refit_gym.envs.registration import list_envs, register_envs
+from refit_gym.envs.registration import list_envs, register_envs, register_scenario
 
 _LAZY = {
     "DenoisingMDP": "refit_gym.envs.core",
@@ -56,4 +57,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'refit_gym.envs' has no attribute {name!r}")
 
 
-__all__ = ["list_envs", "make_sb3_vec_env", "make_torchrl_env", "register_envs", *_LAZY]
+__all__ = ["list_envs", "make_sb3_vec_env", "make_torchrl_env", "register_envs", "register_scenario", *_LAZY]

@@ -3,14 +3,17 @@
 :class:`DenoisingMDP` is the one implementation of the environment's dynamics; the Gymnasium,
 vector, TorchRL and Stable-Baselines3 classes are thin fronts over it. It imports no gymnasium:
 it works on tensors on one device and steps a whole batch of users at once, with no per-row
-Python loop.
+Python loop. It never names a base model: the model turns the *visible* part of each user's
+history into the chain's start and conditioning (:meth:`~refit_gym.models.BaseModel.encode`),
+and the state ``x_t`` is whatever the model diffuses (an interaction row of ``n_items``, or an
+item embedding of ``d``): ``state_dim`` wide.
 
 Randomness. Every draw comes from streams keyed by ``(episode seed, stream, step)``: a reset
 draws one 63-bit *episode seed* from the caller's ``numpy.random.Generator`` (the front's
 ``np_random``) and nothing else, and a step draws nothing from it. Users come from
 ``numpy.random.default_rng(seed)``; holdout keys, initial noise, the noise of a stochastic prefix
 and the transition noise come from a torch generator on the env's device, re-seeded for every
-draw. Each draw is made for the *whole* batch, ``randn(B, ceil16(n_items))[:, :n_items]``, and a
+draw. Each draw is made for the *whole* batch, ``randn(B, ceil16(state_dim))[:, :state_dim]``, and a
 row takes its own row: torch's CPU normal sampler fills blocks of 16 values, so with a width
 padded to a multiple of 16 row 0 of a batch of B is bit-identical to a batch of one. Hence, on
 CPU, row 0 of a batched env and a single env with the same seed follow the same trajectory for
@@ -31,11 +34,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from refit_gym.data.interactions import UserSequences, pairs_to_csr
-from refit_gym.data.sparse_rows import SparseRows
+from refit_gym.data.history import HistoryBatch, SequenceTable
+from refit_gym.data.interactions import TrainingInteractions, UserSequences, pairs_to_csr
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError
-from refit_gym.models.base import DiffusionRecommender
-from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping, TrainingInteractions
+from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec
+from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping
 
 ACTION_MODES = ("x0", "x_prev")
 HOLDOUT_MODES = ("recent", "random", "none")
@@ -70,11 +73,20 @@ def held_out_counts(lengths: np.ndarray, fraction: float) -> np.ndarray:
     return np.clip(counts, 1, np.maximum(lengths - 1, 0))
 
 
+def held_out_counts_tensor(lengths: torch.Tensor, fraction: float) -> torch.Tensor:
+    """:func:`held_out_counts` on a torch tensor of lengths (same values, on its device)."""
+    if fraction <= 0.0:
+        return torch.zeros_like(lengths)
+    counts = torch.floor(fraction * lengths.to(torch.float64) + 0.5).to(torch.int64)
+    return torch.minimum(counts.clamp_min(1), (lengths - 1).clamp_min(0))
+
+
 def recent_held_out_matrix(sequences: UserSequences, n_items: int, fraction: float) -> sp.csr_matrix:
     """Binary ``(n_users, n_items)`` CSR of each user's most recent ``fraction`` of training items.
 
     "Most recent" follows ``train_sequences`` (each user's training items oldest first); the
     count per user is :func:`held_out_counts` of the sequence length. Vectorised (no per-user loop).
+    A straightforward reference for the env's ``recent`` hold-out (the tests compare the two).
     """
     n_users = len(sequences)
     lengths = sequences.lengths
@@ -113,7 +125,7 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
     return int(value)
 
 
-def frozen_copy(model: DiffusionRecommender) -> DiffusionRecommender:
+def frozen_copy(model: BaseModel) -> BaseModel:
     """``model`` itself if it is already frozen (eval mode, no trainable parameter), else a frozen copy.
 
     The env never trains or changes the model it is given: an agent that fine-tunes the same
@@ -152,14 +164,15 @@ class StepResult:
 class DenoisingMDP:
     """A batch of ``batch_size`` denoising chains of a frozen diffusion recommender.
 
-    One episode = one user's reverse chain. At reset the user's training row (minus the
-    held-out items) becomes the clean start vector, is optionally forward-noised
-    (``noise_steps``), and the first ``T - exposed_steps`` reverse steps are run by the frozen
-    base model; the agent then takes the last ``exposed_steps`` steps. The reward is computed
-    once, on the final state's item scores, when ``t`` reaches 0.
+    One episode = one user's reverse chain. At reset the user's chronological training history
+    loses its held-out positions; the base model encodes the visible rest into the chain's start
+    (DiffRec: the visible row; a sequential model: noise) and conditioning, the start is
+    optionally forward-noised (``noise_steps``), and the first ``T - exposed_steps`` reverse
+    steps are run by the frozen base model; the agent then takes the last ``exposed_steps``
+    steps. The reward is computed once, on the final state's item scores, when ``t`` reaches 0.
 
     Args:
-        model: the base diffusion recommender (its denoiser, schedule, history rows). The env
+        model: the base diffusion recommender (a :class:`~refit_gym.models.BaseModel`). The env
             keeps a frozen copy (or shares it when it is already frozen).
         reward: the terminal reward, a :class:`~refit_gym.rewards.base.RewardTerm` bound to the
             training interactions, typically a ``WeightedReward``, whose unweighted terms
@@ -194,7 +207,7 @@ class DenoisingMDP:
 
     def __init__(
         self,
-        model: DiffusionRecommender,
+        model: BaseModel,
         reward: RewardTerm,
         interactions: TrainingInteractions,
         *,
@@ -210,8 +223,8 @@ class DenoisingMDP:
         action_bound: float = DEFAULT_ACTION_BOUND,
         device: torch.device | str = "cpu",
     ) -> None:
-        if not isinstance(model, DiffusionRecommender):
-            raise ConfigError(f"model must be a DiffusionRecommender, got {type(model).__name__}")
+        if not isinstance(model, BaseModel):
+            raise ConfigError(f"model must be a refit_gym.models.BaseModel, got {type(model).__name__}")
         if not callable(reward):
             raise ConfigError(f"reward must be a callable RewardTerm, got {type(reward).__name__}")
         if shaping is not None and not callable(shaping):
@@ -250,8 +263,8 @@ class DenoisingMDP:
             frozen = (copy.deepcopy(frozen) if frozen is model else frozen).to(self.device)
         self.model = frozen
         self.reward, self.shaping = reward, shaping
-        self.n_users, self.n_items = model.n_users, model.n_items
-        self.width = padded_width(self.n_items)
+        self.n_users, self.n_items, self.state_dim = model.n_users, model.n_items, int(model.state_dim)
+        self.width = padded_width(self.state_dim)
 
         # per-step tables, indexed by the diffusion step (remaining steps - 1)
         coef1 = diffusion.posterior_mean_coef1.detach().cpu()
@@ -275,37 +288,29 @@ class DenoisingMDP:
         self._coef2 = coef2.to(torch.float32).to(self.device)
         self._std = std.to(torch.float32).to(self.device)
 
-        # hidden items: a sparse matrix precomputed once (recent) or per-user counts (random)
-        self._hidden_rows: Optional[SparseRows] = None
-        self._hidden_counts: Optional[torch.Tensor] = None
-        if self.holdout == "recent":
-            hidden = recent_held_out_matrix(interactions.train_sequences, self.n_items, self.holdout_fraction)
-            self._hidden_rows = SparseRows(hidden, self.device)
-        elif self.holdout == "random":
-            lengths = np.diff(sp.csr_matrix(interactions.train).indptr)
-            counts = held_out_counts(lengths, self.holdout_fraction)
-            self._hidden_counts = torch.from_numpy(counts).to(self.device)
+        # the users' chronological training histories, gathered per batch on the device
+        self._histories = SequenceTable(interactions.train_sequences, self.n_items, self.device)
 
         self._generator = torch.Generator(device=self.device)
         self._noise_buffer = torch.empty(self.batch_size, self.width, device=self.device)
-        self._product_buffer = torch.empty(self.batch_size, self.n_items, device=self.device)
+        self._product_buffer = torch.empty(self.batch_size, self.state_dim, device=self.device)
         self._episode_seed: Optional[int] = None
         self._step_count = 0
         self._t_host = np.zeros(self.batch_size, dtype=np.int64)
         self._users_host = np.zeros(self.batch_size, dtype=np.int64)
         self._ready = False
-        self.x_t = torch.zeros(self.batch_size, self.n_items, device=self.device)
+        self.x_t = torch.zeros(self.batch_size, self.state_dim, device=self.device)
         self.users = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
         self.visible = torch.zeros(self.batch_size, self.n_items, device=self.device)
         self.held_out = torch.zeros(self.batch_size, self.n_items, dtype=torch.bool, device=self.device)
         self.context: dict[str, torch.Tensor] = {}
-        self._context_spec = self._probe_context()
+        self._context_spec = dict(self.model.condition_spec())
 
     # ------------------------------------------------------------------ description
     @property
-    def denoiser(self) -> torch.nn.Module:
-        """The frozen base denoiser (copy it before fine-tuning it)."""
-        return self.model.denoiser
+    def base_model(self) -> BaseModel:
+        """The frozen base model (copy it before fine-tuning it, e.g. ``DenoiserPolicy.from_model``)."""
+        return self.model
 
     @property
     def t(self) -> np.ndarray:
@@ -323,14 +328,16 @@ class DenoisingMDP:
         return (self._t_host == 0) | (not self._ready)
 
     @property
-    def context_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Per-row shape and dtype of each context tensor the base model conditions on."""
+    def context_spec(self) -> dict[str, ConditionSpec]:
+        """Per-row shape, dtype and bounds of each conditioning tensor of the base model."""
         return dict(self._context_spec)
 
     def config(self) -> dict[str, Any]:
         """The chain parameters, JSON-able, for the run record."""
         reward_config = self.reward.config() if hasattr(self.reward, "config") else type(self.reward).__name__
         return {
+            "model": self.model.name,
+            "state_dim": self.state_dim,
             "action_mode": self.action_mode,
             "steps": self.steps,
             "exposed_steps": self.exposed_steps,
@@ -346,20 +353,15 @@ class DenoisingMDP:
             "shaping": None if self.shaping is None else type(self.shaping).__name__,
         }
 
-    def _probe_context(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        with torch.no_grad():
-            probe = self.model.context(torch.zeros(1, dtype=torch.int64, device=self.device))
-        return {name: (tuple(value.shape[1:]), value.dtype) for name, value in probe.items()}
-
     # ------------------------------------------------------------------ random draws
     def _seeded(self, stream: int, step: int = 0) -> torch.Generator:
         return self._generator.manual_seed(stream_seed(self._episode_seed, stream, step))
 
     def _normal(self, stream: int, step: int = 0, std: float = 1.0) -> torch.Tensor:
-        """``(B, n_items)`` normals ``N(0, std^2)`` of draw ``(stream, step)``; row i is row i of every batch size."""
+        """``(B, state_dim)`` normals ``N(0, std^2)`` of draw ``(stream, step)``; row i is row i of every batch size."""
         generator = self._seeded(stream, step)
         # a scratch buffer: every caller consumes the noise at once (and never keeps it)
-        return self._noise_buffer.normal_(0.0, std, generator=generator)[:, : self.n_items]
+        return self._noise_buffer.normal_(0.0, std, generator=generator)[:, : self.state_dim]
 
     # ------------------------------------------------------------------ reset
     def reset(
@@ -390,11 +392,14 @@ class DenoisingMDP:
         chosen_host = self._choose_users(users, rows, n_rows)
         chosen = torch.from_numpy(chosen_host).to(self.device)
         with torch.no_grad():
-            history = self.model.history_rows(chosen).to(torch.float32)
-            held_out = self._held_out(chosen, history, rows)
-            visible = history * (~held_out).to(history.dtype)
-            context = self.model.context(chosen)
-            x = self._initial_state(visible, context, rows)
+            history = self._histories.batch(chosen)
+            shown = history.hide(self._hidden_positions(history, rows))
+            visible = shown.item_mask()
+            held_out = history.item_mask() & ~visible
+            inputs = self.model.encode(shown)
+            context = inputs.condition
+            x = self._initial_state(inputs, rows)
+            visible = visible.to(torch.float32)
         if rows is None:
             self.x_t, self.users, self.visible, self.held_out = x, chosen, visible, held_out
             self.context = dict(context)
@@ -449,40 +454,51 @@ class DenoisingMDP:
     def _select(self, full: torch.Tensor, rows: Optional[np.ndarray]) -> torch.Tensor:
         return full if rows is None else full[torch.from_numpy(rows).to(full.device)]
 
-    def _held_out(self, users: torch.Tensor, history: torch.Tensor, rows: Optional[np.ndarray]) -> torch.Tensor:
-        """``(len(users), n_items)`` bool: the training items hidden from the input this episode."""
+    def _hidden_positions(self, history: HistoryBatch, rows: Optional[np.ndarray]) -> torch.Tensor:
+        """``(B, L)`` bool: the positions of the users' histories hidden from the input this episode.
+
+        ``recent``: the last :func:`held_out_counts` positions of each history. ``random``: every
+        position of the ``held_out_counts(n distinct items)`` items with the smallest uniform keys;
+        the keys are drawn in item space, ``(B, ceil16(n_items))`` for the whole batch, so a row's
+        choice does not depend on the batch around it.
+        """
         if self.holdout == "none":
-            return torch.zeros_like(history, dtype=torch.bool)
+            return torch.zeros_like(history.visible)
         if self.holdout == "recent":
-            return (self._hidden_rows.dense(users) > 0) & (history > 0)
-        # random: per row, the `count` training items with the smallest uniform keys
+            lengths = history.lengths()
+            first_hidden = lengths - held_out_counts_tensor(lengths, self.holdout_fraction)
+            return history.visible & (history.visible_rank() >= first_hidden.unsqueeze(1))
         generator = self._seeded(_HOLDOUT)
-        keys = torch.rand(self.batch_size, self.width, generator=generator, device=self.device)[:, : self.n_items]
+        width = padded_width(self.n_items)
+        keys = torch.rand(self.batch_size, width, generator=generator, device=self.device)[:, : self.n_items]
         keys = self._select(keys, rows)
-        keys = torch.where(history > 0, keys, torch.full_like(keys, 2.0))
+        items = history.item_mask()
+        keys = torch.where(items, keys, torch.full_like(keys, 2.0))
         order = keys.argsort(dim=1)
         ranks = torch.empty_like(order).scatter_(
             1, order, torch.arange(self.n_items, device=self.device).expand_as(order).contiguous()
         )
-        return ranks < self._hidden_counts[users].unsqueeze(1)
+        counts = held_out_counts_tensor(items.sum(1), self.holdout_fraction)
+        hidden_items = torch.cat([ranks < counts.unsqueeze(1), torch.zeros_like(items[:, :1])], dim=1)
+        return history.visible & hidden_items.gather(1, history.items)
 
-    def _initial_state(self, visible: torch.Tensor, context: dict, rows: Optional[np.ndarray]) -> torch.Tensor:
-        """The start vector, forward-noised to ``noise_steps`` and run through the hidden prefix."""
-        diffusion = self.model.diffusion
-        x = self.model.start_vector(visible)
-        if self.noise_steps > 0:
-            noise = self._select(self._normal(_INITIAL_NOISE), rows)
-            x = diffusion.q_sample(x, self.noise_steps - 1, noise=noise)
+    def _initial_state(self, inputs: ChainInputs, rows: Optional[np.ndarray]) -> torch.Tensor:
+        """The chain's start (the model's clean start forward-noised to ``noise_steps``, or pure
+        noise for a model that starts from noise), run through the hidden prefix."""
+        context = inputs.condition
+        needs_noise = inputs.start is None or self.noise_steps > 0
+        noise = self._select(self._normal(_INITIAL_NOISE), rows) if needs_noise else None
+        x = self.model.start_state(inputs, noise, self.noise_steps)
         for t in range(self.steps - 1, self.exposed_steps - 1, -1):
-            x = diffusion.p_mean_variance(self.model.denoiser, x, t, **context)["mean"]
+            x = self.model.reverse_mean(x, t, **context)
             if self.stochastic_prefix and self._prefix_std[t] > 0:
                 x = x + float(self._prefix_std[t]) * self._select(self._normal(_PREFIX_NOISE, t), rows)
         return x.to(torch.float32).clamp(-self.action_bound, self.action_bound)
 
     # ------------------------------------------------------------------ observation
     def observation(self) -> dict[str, torch.Tensor]:
-        """``x_t`` ``(B, n_items)`` float32, ``t`` ``(B, 1)`` int64 (remaining steps), ``user`` ``(B, 1)``
-        int64, and the base model's context tensors.
+        """``x_t`` ``(B, state_dim)`` float32, ``t`` ``(B, 1)`` int64 (remaining steps), ``user`` ``(B, 1)``
+        int64, and the base model's conditioning tensors.
 
         The tensors are the env's own (never modified in place later); copy before mutating them.
         """
@@ -505,7 +521,7 @@ class DenoisingMDP:
 
     # ------------------------------------------------------------------ step
     def validate_action(self, action: Any, batch_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-        """The action as a float32 ``(B, n_items)`` tensor on the device, clipped to the bound.
+        """The action as a float32 ``(B, state_dim)`` tensor on the device, clipped to the bound.
 
         Accepts a torch tensor or anything ``numpy.asarray`` takes. Floating dtypes other than
         float32 (float64, float16, bfloat16) are cast to float32.
@@ -513,7 +529,7 @@ class DenoisingMDP:
         Raises:
             ActionError: wrong shape, a non-floating dtype, or a NaN / inf entry.
         """
-        expected = (self.batch_size, self.n_items) if batch_shape is None else (*batch_shape, self.n_items)
+        expected = (self.batch_size, self.state_dim) if batch_shape is None else (*batch_shape, self.state_dim)
         if isinstance(action, torch.Tensor):
             tensor = action.detach()
             if not tensor.is_floating_point():
@@ -530,7 +546,7 @@ class DenoisingMDP:
             tensor = torch.from_numpy(array)
         if tuple(tensor.shape) != expected:
             raise ActionError(f"the action must have shape {expected}, got {tuple(tensor.shape)}")
-        tensor = tensor.to(device=self.device, dtype=torch.float32).reshape(self.batch_size, self.n_items)
+        tensor = tensor.to(device=self.device, dtype=torch.float32).reshape(self.batch_size, self.state_dim)
         # one cheap reduction: NaN / inf make the sum non-finite; only then look closer (a finite
         # sum can also overflow, so the exact check decides)
         if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
@@ -547,7 +563,7 @@ class DenoisingMDP:
         """Advance the rows in ``active`` (default all) by one reverse step with ``action``.
 
         Args:
-            action: ``(B, n_items)`` floats (every row's, also those not stepped).
+            action: ``(B, state_dim)`` floats (every row's, also those not stepped).
             active: ``(B,)`` bools; rows not active keep their state and get reward 0.
             batch_shape: the leading dims the action must have instead of ``(B,)`` (``()`` for
                 an unbatched single-row action).

@@ -1,167 +1,66 @@
-"""One function builds data + base model + reward + core from an env's keyword arguments.
+"""One function builds data + base model + reward + core from a scenario and an env's keyword arguments.
 
 Every front (single, vector, TorchRL, SB3) calls :func:`build_env_parts`; nothing is constructed
-anywhere else. Presets name the registered environments:
-
-=================  =====================  ===============================================
-preset             env id                 data and base model
-=================  =====================  ===============================================
-``"synthetic"``    ``ReFiT-Synthetic-v0``  ``make_synthetic(500, 300)``; DiffRec pretrained in
-                                          seconds on first use, then cached
-``"ml1m"``         ``ReFiT-ML1M-v0``       ``diffrec_ml-1m_clean``; DiffRec from
-                                          ``checkpoint=``, else the cached pretrained one,
-                                          else pretrained (minutes) on first use and cached
-=================  =====================  ===============================================
-
-Base models are cached in-process (one frozen model shared by every env built in the process)
-and on disk under ``$XDG_CACHE_HOME/refit_gym/checkpoints/<key>`` (default
-``~/.cache/refit_gym/checkpoints``), where ``<key>`` names the data and model and hashes the seed, the model / diffusion /
-pretraining config and a fingerprint of the training matrix.
+anywhere else, and nothing here names a dataset or a model: the scenario YAML does
+(:mod:`refit_gym.envs.scenarios`). The base model comes from ``checkpoint=``, else from the
+pretrained-model cache (:mod:`refit_gym.training.cache`), which pretrains it once when it is
+missing -- the only case in which building an env imports the pretraining code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
-from refit_gym.checkpoint import load_checkpoint
-from refit_gym.training.pretrain import pretrained_checkpoint, train_fingerprint
-from refit_gym.config import ExperimentConfig, config_from_dict, load_config, packaged_config, resolve_device
-from refit_gym.data.interactions import InteractionData
+from refit_gym.checkpoint import check_data_matches, load_checkpoint
+from refit_gym.config import ExperimentConfig, resolve_device
+from refit_gym.data.interactions import InteractionData, TrainingInteractions
 from refit_gym.envs.core import DenoisingMDP
-from refit_gym.envs.presets import Preset, preset_for
+from refit_gym.envs.scenarios import CHAIN_KWARGS, EnvConfig, Scenario, scenario_for
 from refit_gym.errors import ConfigError
-from refit_gym.models import build_model
-from refit_gym.models.base import DiffusionRecommender, check_data_matches
-from refit_gym.rewards.base import RewardTerm, StepShaping, TrainingInteractions
+from refit_gym.models import BaseModel
+from refit_gym.rewards.base import RewardTerm, StepShaping
+from refit_gym.training.cache import cached_checkpoint, frozen_base_model, is_cached, pretrained_checkpoint
 
 logger = logging.getLogger(__name__)
 
-CHAIN_KWARGS = (
-    "action_mode",
-    "exposed_steps",
-    "stochastic_prefix",
-    "transition_std",
-    "holdout",
-    "holdout_fraction",
-    "noise_steps",
-    "action_bound",
-)
-"""Keyword arguments passed through to :class:`~refit_gym.envs.core.DenoisingMDP`."""
-
-COMMON_KWARGS = ("data", "model", "data_dir", "checkpoint", "pretrained", "reward", "shaping", "device", "progress")
-"""Keyword arguments every preset accepts (see :func:`build_env_parts`)."""
+COMMON_KWARGS = ("dataset", "data", "model", "data_dir", "checkpoint", "pretrained", "reward", "shaping", "device",
+                 "progress")
+"""Keyword arguments every env accepts besides the chain's (see :func:`build_env_parts`)."""
 
 DEFAULT_REWARD: dict[str, Any] = {"loglik": {"weight": 1.0}}
 """The default reward: the mean log-probability of the held-out (by default the most recent 25 %)
-training items under ``softmax(x0 / 0.1)``, input items masked
-(``refit_gym.rewards.HeldOutLogLikelihood``; on ML-1M the supervised gradient of this objective
-toward the most recent items raised test Recall@20)."""
+training items under ``softmax(scores / 0.1)``, input items masked
+(``refit_gym.rewards.HeldOutLogLikelihood``)."""
 
-SYNTHETIC_SIZE = {"n_users": 500, "n_items": 300, "data_seed": 0}
-
-
-def _synthetic_config(n_users: int, n_items: int, data_seed: int) -> ExperimentConfig:
-    return config_from_dict(
-        {
-            "name": "refit_synthetic_v0",
-            "seed": 0,
-            "device": "cpu",
-            "data": {"dataset": f"synthetic:n_users={n_users},n_items={n_items},seed={data_seed}"},
-            "model": {"name": "diffrec", "dims": [64, 128], "time_emb_dim": 10, "dropout": 0.5},
-            "diffusion": {"steps": 10},
-            "pretrain": {
-                "lr": 1e-3,
-                "batch_size": 100,
-                "max_epochs": 60,
-                "eval_every": 5,
-                "min_epochs": 10,
-                "plateau_patience": 2,
-                "max_lr_decays": 1,
-                "time_budget_s": 120.0,
-            },
-            "evaluation": {"ks": [10, 20], "batch_size": 1024},
-        }
-    )
-
-
-def _ml1m_config() -> ExperimentConfig:
-    """DiffRec's published ML-1M settings: the shipped ``configs/ml1m_diffrec.yaml``."""
-    return load_config(packaged_config("ml1m_diffrec.yaml"))
-
-
-# ---------------------------------------------------------------------------------- caches
-_DATA_CACHE: dict[tuple, InteractionData] = {}
-_MODEL_CACHE: dict[tuple[str, str], DiffusionRecommender] = {}
+_DATA_CACHE: dict[tuple[str, str], InteractionData] = {}
 _LOCK = threading.Lock()
 
 
-def model_cache_key(preset: str, config: ExperimentConfig, data: InteractionData) -> str:
-    """``<preset>-<model>-<hash>`` of everything the pretrained weights depend on."""
-    described = {
-        "preset": preset,
-        "seed": config.seed,
-        "model": config.to_dict()["model"],
-        "diffusion": config.to_dict()["diffusion"],
-        "pretrain": config.to_dict()["pretrain"],
-        "data": {"name": data.name, "n_users": data.n_users, "n_items": data.n_items, "train": train_fingerprint(data)},
-    }
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{preset}-{config.model.name}-{digest}"
-
-
-def _load_data(preset: Preset, data_dir: Optional[str], extra: dict[str, Any]) -> InteractionData:
-    if preset.name == "synthetic":
-        size = {**SYNTHETIC_SIZE, **extra}
-        key = ("synthetic", size["n_users"], size["n_items"], size["data_seed"])
-        if key not in _DATA_CACHE:
-            from refit_gym.data import make_synthetic
-
-            _DATA_CACHE[key] = make_synthetic(size["n_users"], size["n_items"], seed=size["data_seed"])
-        return _DATA_CACHE[key]
+def _load_data(config: ExperimentConfig) -> InteractionData:
+    """The scenario's dataset, shared in-process."""
     from refit_gym.data import find_dataset, load_dataset
 
-    path = find_dataset("diffrec_ml-1m_clean", data_dir).resolve()
-    key = ("ml1m", str(path))
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(path)
-    return _DATA_CACHE[key]
-
-
-def _preset_config(preset: Preset, extra: dict[str, Any]) -> ExperimentConfig:
-    if preset.name == "synthetic":
-        return _synthetic_config(**{**SYNTHETIC_SIZE, **extra})
-    return _ml1m_config()
-
-
-def _fresh_model(config: ExperimentConfig, data: InteractionData) -> DiffusionRecommender:
-    """A freshly initialised base model, seeded by the config (the global torch RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, config.diffusion, data, device="cpu")
-    return model
-
-
-def _freeze(model: DiffusionRecommender) -> DiffusionRecommender:
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    spec = config.data.dataset
+    is_synthetic = spec == "synthetic" or spec.startswith("synthetic:")
+    key = ("synthetic", spec) if is_synthetic else ("path", str(find_dataset(spec, config.data.data_dir).resolve()))
+    with _LOCK:
+        if key not in _DATA_CACHE:
+            _DATA_CACHE[key] = load_dataset(spec, data_dir=config.data.data_dir)
+        return _DATA_CACHE[key]
 
 
 @contextlib.contextmanager
 def _torch_threads(n: Optional[int]):
-    """Run with ``n`` intra-op threads (``None``: unchanged). A tiny model trains ~10x faster on
-    one thread than on two contended ones (measured: 1.5 s vs 26 s on a loaded 2-core machine)."""
+    """Run with ``n`` intra-op threads (``None``: unchanged)."""
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -171,60 +70,37 @@ def _torch_threads(n: Optional[int]):
         torch.set_num_threads(before)
 
 
-def _pretrained_model(
-    preset: Preset, config: ExperimentConfig, data: InteractionData, progress: bool
-) -> DiffusionRecommender:
-    """The cached pretrained base (disk cache of :func:`pretrained_checkpoint`), trained on first use."""
-    if preset.name != "synthetic":
-        logger.warning("%s: the pretrained DiffRec base is read from the cache, or trained now (minutes on a "
-                       "CPU) and cached for next time", preset.env_id)
-    with torch.random.fork_rng(devices=[]), _torch_threads(1 if preset.name == "synthetic" else None):
+def _pretrain_on_first_use(scenario: Scenario, env: EnvConfig, config: ExperimentConfig, data: InteractionData,
+                           progress: bool) -> BaseModel:
+    """The cached pretrained base; pretrained now (logged first: it can take minutes) when missing."""
+    if not is_cached(cached_checkpoint(config, data)):
+        logger.warning("%s: no pretrained %s in the cache (%s); pretraining it now, once (its pretrain "
+                       "section caps it at %s epochs%s)", scenario.env_id, config.model.name,
+                       cached_checkpoint(config, data), config.pretrain.max_epochs,
+                       f" and {config.pretrain.time_budget_s:.0f} s" if config.pretrain.time_budget_s else "")
+    with torch.random.fork_rng(devices=[]), _torch_threads(env.pretrain_threads):
         directory = pretrained_checkpoint(config, data, progress=progress, log=logger.info)
-    model, _ = load_checkpoint(directory, data, device="cpu")
-    return model
-
-
-def base_model(
-    preset: Preset,
-    data: InteractionData,
-    extra: dict[str, Any],
-    checkpoint: Optional[str | os.PathLike],
-    pretrained: bool,
-    progress: bool,
-) -> DiffusionRecommender:
-    """The frozen base model of a preset (shared in-process; CPU; the caller moves it)."""
-    config = _preset_config(preset, extra)
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser().resolve()
-        cache_key = ("checkpoint", f"{path}:{train_fingerprint(data)}")
-        loader: Callable[[], DiffusionRecommender] = lambda: load_checkpoint(path, data, device="cpu")[0]
-    elif not pretrained:
-        cache_key = ("fresh", model_cache_key(preset.name, config, data))
-        loader = lambda: _fresh_model(config, data)
-    else:
-        cache_key = ("pretrained", model_cache_key(preset.name, config, data))
-        loader = lambda: _pretrained_model(preset, config, data, progress)
-    with _LOCK:
-        if cache_key not in _MODEL_CACHE:
-            _MODEL_CACHE[cache_key] = _freeze(loader())
-        return _MODEL_CACHE[cache_key]
-
-
-def clear_caches() -> None:
-    """Forget the in-process data and model caches (the disk cache stays)."""
-    with _LOCK:
-        _DATA_CACHE.clear()
-        _MODEL_CACHE.clear()
+    return load_checkpoint(directory, data, device="cpu")[0]
 
 
 # ---------------------------------------------------------------------------------- building
 @dataclass
 class EnvParts:
-    """What a front needs: the core, the data (titles for rendering) and the preset."""
+    """What a front needs: the core, the data (titles for rendering) and the scenario (``None``
+    for a front over a core built by hand, e.g. an agent's)."""
 
     core: DenoisingMDP
-    data: InteractionData
-    preset: Preset
+    data: Optional[InteractionData] = None
+    scenario: Optional[Scenario] = None
+
+    @property
+    def name(self) -> str:
+        """The env id, for rendering and records."""
+        return self.scenario.env_id if self.scenario is not None else "refit-gym"
+
+    @property
+    def item_titles(self):
+        return None if self.data is None else self.data.item_titles
 
 
 def _bind_reward(spec: Any, data: InteractionData, device: torch.device) -> RewardTerm:
@@ -242,11 +118,12 @@ def _bind_shaping(spec: Any, data: InteractionData, device: torch.device) -> Opt
 
 
 def build_env_parts(
-    preset: str = "synthetic",
+    scenario: str = "ReFiT-Synthetic-v0",
     *,
     batch_size: int = 1,
+    dataset: Optional[str] = None,
     data: Optional[InteractionData] = None,
-    model: Optional[DiffusionRecommender] = None,
+    model: Optional[BaseModel] = None,
     data_dir: Optional[str | os.PathLike] = None,
     checkpoint: Optional[str | os.PathLike] = None,
     pretrained: bool = True,
@@ -259,69 +136,83 @@ def build_env_parts(
     """Build the data, the base model, the bound reward and the core of an environment.
 
     Args:
-        preset: ``"synthetic"`` / ``"ml1m"`` or an env id.
+        scenario: an env id (``"ReFiT-ML1M-v0"``) or the path of a scenario YAML.
         batch_size: number of users stepped together.
-        data: use this :class:`InteractionData` instead of the preset's.
-        model: use this base model (built for ``data``) instead of the preset's.
-        data_dir: where ``diffrec_ml-1m_clean`` lives (default ``$REFIT_GYM_DATA``); unused by
-            the synthetic preset.
+        dataset: another dataset for the scenario's model (a name under the data directory, a
+            path or a ``synthetic:...`` spec; the model is pretrained for it).
+        data: use this :class:`InteractionData` instead of the scenario's.
+        model: use this base model (built for ``data``) instead of the scenario's.
+        data_dir: where named datasets live (default ``$REFIT_GYM_DATA``).
         checkpoint: a refit-gym checkpoint directory of the base model.
         pretrained: ``False`` uses a freshly initialised base model (seeded; for tests and
             benchmarks: no pretraining, no cache) when no ``checkpoint`` is given.
         reward: a reward spec for :func:`refit_gym.rewards.build_reward` (mapping, string or a
-            ``RewardTerm``); default :data:`DEFAULT_REWARD`.
-        shaping: ``None`` (off), a spec for :func:`refit_gym.rewards.build_shaping`, or a
-            ``StepShaping``.
+            ``RewardTerm``); default: the scenario's, else :data:`DEFAULT_REWARD`.
+        shaping: ``None`` (the scenario's; off by default), a spec for
+            :func:`refit_gym.rewards.build_shaping`, or a ``StepShaping``.
         device: ``"cpu"`` (default), ``"cuda"``, ``"auto"``...
-        progress: show a progress bar if the base model must be pretrained (default: only for
-            ML-1M).
-        **kwargs: the chain's parameters (:data:`CHAIN_KWARGS`, see
-            :class:`~refit_gym.envs.core.DenoisingMDP`) and the preset's own (synthetic:
-            ``n_users``, ``n_items``, ``data_seed``).
+        progress: show a progress bar if the base model must be pretrained (default: when
+            stderr is a terminal).
+        **kwargs: the chain's parameters (:data:`~refit_gym.envs.scenarios.CHAIN_KWARGS`, see
+            :class:`~refit_gym.envs.core.DenoisingMDP`); they override the scenario's.
 
     Raises:
         ConfigError: an unknown keyword argument (all are listed in the message) or a value out
             of range.
         DataError: the dataset cannot be found or read.
     """
-    spec = preset_for(preset)
-    unknown = sorted(set(kwargs) - set(CHAIN_KWARGS) - set(spec.extra_kwargs))
+    spec = scenario_for(scenario)
+    unknown = sorted(set(kwargs) - set(CHAIN_KWARGS))
     if unknown:
-        known = sorted((*COMMON_KWARGS, *CHAIN_KWARGS, *spec.extra_kwargs, "batch_size"))
+        known = sorted((*COMMON_KWARGS, *CHAIN_KWARGS, "batch_size"))
         raise ConfigError(f"unknown keyword argument(s) {unknown} for {spec.env_id}; known: {known}")
-    extra = {name: kwargs.pop(name) for name in spec.extra_kwargs if name in kwargs}
-    for name, value in extra.items():
-        low = 0 if name == "data_seed" else 2
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(pretrained, (bool, np.bool_)):
         raise ConfigError(f"pretrained must be a bool, got {pretrained!r}")
+    overrides: dict[str, Any] = {}
+    if dataset is not None:
+        overrides["data.dataset"] = dataset
+    if data_dir is not None:
+        overrides["data.data_dir"] = str(data_dir)
+    config = spec.experiment(overrides)
+    env = spec.env_config()
     target = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if data is None:
         if model is not None:
             raise ConfigError("model= needs the data it was built for: pass data= too")
-        data = _load_data(spec, data_dir, extra)
+        data = _load_data(config)
     elif not isinstance(data, InteractionData):
         raise ConfigError(f"data must be an InteractionData, got {type(data).__name__}")
     if model is None:
-        show_progress = spec.name == "ml1m" if progress is None else bool(progress)
-        model = base_model(spec, data, extra, checkpoint, bool(pretrained), show_progress)
-    elif not isinstance(model, DiffusionRecommender):
-        raise ConfigError(f"model must be a DiffusionRecommender, got {type(model).__name__}")
-    if model.config.get("n_users") is not None:
-        check_data_matches(model.config, data)
+        show_progress = sys.stderr.isatty() if progress is None else bool(progress)
+        model = frozen_base_model(
+            config, data, checkpoint, bool(pretrained),
+            load=lambda: _pretrain_on_first_use(spec, env, config, data, show_progress),
+        )
+    elif not isinstance(model, BaseModel):
+        raise ConfigError(f"model must be a refit_gym.models.BaseModel, got {type(model).__name__}")
+    check_data_matches(model.describe(), data)
     core = DenoisingMDP(
         model,
-        _bind_reward(reward, data, target),
+        _bind_reward(env.reward if reward is None else reward, data, target),
         TrainingInteractions.from_data(data),
         batch_size=batch_size,
-        shaping=_bind_shaping(shaping, data, target),
+        shaping=_bind_shaping(env.shaping if shaping is None else shaping, data, target),
         device=target,
-        **kwargs,
+        **{**env.chain_kwargs(), **kwargs},
     )
-    return EnvParts(core=core, data=data, preset=spec)
+    return EnvParts(core=core, data=data, scenario=spec)
+
+
+def clear_caches() -> None:
+    """Forget the in-process data and model caches (the disk cache stays)."""
+    from refit_gym.training.cache import clear_model_cache
+
+    with _LOCK:
+        _DATA_CACHE.clear()
+    clear_model_cache()
 
 
 def describe(parts: EnvParts) -> Mapping[str, Any]:
     """A JSON-able description of an env for run records."""
-    return {"env_id": parts.preset.env_id, "data": parts.data.summary(), "chain": parts.core.config()}
+    return {"env_id": parts.name, "data": None if parts.data is None else parts.data.summary(),
+            "chain": parts.core.config()}

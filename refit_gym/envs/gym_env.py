@@ -15,9 +15,10 @@ from refit_gym.errors import ConfigError
 class DenoisingEnv(gym.Env):
     """The reverse (denoising) chain of a pretrained diffusion recommender, for one user.
 
-    An episode takes one user's training row, hides part of it (the held-out items), and lets
+    An episode takes one user's training history, hides part of it (the held-out items), and lets
     the agent run the last ``k`` steps of the base model's reverse diffusion chain. The final
-    state ``x_0`` is a score for every item; the reward measures how well those scores recover
+    state ``x_0`` scores every item (``model.item_scores(x_0)``: the state itself for DiffRec,
+    T-DiffRec and CF-Diff); the reward measures how well those scores recover
     the held-out training items (and whatever other terms the reward spec names). The agent is
     typically the pretrained denoiser itself with an exploration head (ReFiT, arXiv 2511.06937).
     The batched implementation is :class:`~refit_gym.envs.core.DenoisingMDP`; this class is its
@@ -25,15 +26,16 @@ class DenoisingEnv(gym.Env):
 
     ## Action space
 
-    ``Box(-b, b, (n_items,), float32)``, ``b = action_bound`` (default 10; DiffRec's outputs lie
-    roughly in ``[-1, 2]``). What it means depends on ``action_mode``:
+    ``Box(-b, b, (d,), float32)``, ``d = state_dim`` of the base model (``n_items`` for DiffRec,
+    T-DiffRec and CF-Diff), ``b = action_bound`` (default 10; DiffRec's outputs lie roughly in
+    ``[-1, 2]``). What it means depends on ``action_mode``:
 
     | action_mode | the action is | next state |
     |---|---|---|
     | ``"x0"`` (default) | the predicted clean vector ``x̂_0`` (the denoiser's output) | ``q_posterior_mean(x̂_0, x_t) + σ_t z``, ``z`` from the env's seeded generator; ``σ_t`` = the schedule's posterior std (or ``transition_std``); no noise at the last step |
     | ``"x_prev"`` | the next state ``x_{t-1}`` itself (DDPO-style) | the action (deterministic) |
 
-    Actions are validated (shape ``(n_items,)``, a floating dtype, finite) and then clipped to
+    Actions are validated (shape ``(d,)``, a floating dtype, finite) and then clipped to
     ``[-b, b]``; float64 / float16 actions are cast to float32. A bad action raises
     :class:`~refit_gym.errors.ActionError` (a ``ValueError``) and leaves the state unchanged.
 
@@ -43,10 +45,10 @@ class DenoisingEnv(gym.Env):
 
     | key | space | meaning |
     |---|---|---|
-    | ``x_t`` | ``Box(-b, b, (n_items,), float32)`` | the noisy interaction vector |
+    | ``x_t`` | ``Box(-b, b, (d,), float32)`` | the noisy state (DiffRec: the interaction row) |
     | ``t`` | ``Box(0, k, (1,), int64)`` | remaining reverse steps; the diffusion step is ``t - 1`` |
     | ``user`` | ``Box(0, n_users - 1, (1,), int64)`` | the user id |
-    | *context* | per base model | what the base model conditions on (none for DiffRec) |
+    | *conditioning* | per base model | what the base model conditions on, built from the visible history only (none for DiffRec and T-DiffRec; CF-Diff: ``hops``, its 2- and 3-hop rows) |
 
     ## Rewards
 
@@ -58,9 +60,10 @@ class DenoisingEnv(gym.Env):
 
     ## Starting state
 
-    The user is drawn uniformly (or given as ``options={"users": u}``). Their training row minus
-    the held-out items is the start vector (``q_sample``d to ``noise_steps`` when > 0); the base
-    model runs the first ``T - k`` reverse steps (its deterministic mean path, or stochastic
+    The user is drawn uniformly (or given as ``options={"users": u}``). Their chronological
+    training history minus the held-out positions is encoded by the base model into the start
+    vector (DiffRec: the visible row; T-DiffRec: the recency-weighted row; ``q_sample``d to
+    ``noise_steps`` when > 0) and the conditioning; the base model runs the first ``T - k`` reverse steps (its deterministic mean path, or stochastic
     with ``stochastic_prefix=True``); ``t = k``.
 
     ## Episode end
@@ -99,17 +102,17 @@ class DenoisingEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(
-        self, preset: str = "synthetic", render_mode: Optional[str] = None, render_top_k: int = 10, **kwargs: Any
+        self, scenario: str = "ReFiT-Synthetic-v0", render_mode: Optional[str] = None, render_top_k: int = 10, **kwargs: Any
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             modes = self.metadata["render_modes"]
             raise ConfigError(f"render_mode must be None or one of {modes}, got {render_mode!r}")
         if isinstance(render_top_k, bool) or not isinstance(render_top_k, int) or render_top_k < 1:
             raise ConfigError(f"render_top_k must be a positive integer, got {render_top_k!r}")
-        parts = build_env_parts(preset, batch_size=1, **kwargs)
+        parts = build_env_parts(scenario, batch_size=1, **kwargs)
         self.core = parts.core
         self.data = parts.data
-        self.preset = parts.preset
+        self.scenario, self.parts = parts.scenario, parts
         self.render_mode = render_mode
         self.render_top_k = render_top_k
         self.observation_space = single_observation_space(self.core)
@@ -141,5 +144,5 @@ class DenoisingEnv(gym.Env):
             gym.logger.warn("render() was called without a render_mode; pass render_mode='ansi' to make()")
             return None
         if not self.core.ready:
-            return f"{self.preset.env_id}: not reset yet\n"
-        return render_rows(self.core, [0], self.data.item_titles, self.render_top_k, self.preset.env_id)[0]
+            return f"{self.parts.name}: not reset yet\n"
+        return render_rows(self.core, [0], self.parts.item_titles, self.render_top_k, self.parts.name)[0]

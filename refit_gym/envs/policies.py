@@ -2,13 +2,14 @@
 
 :func:`denoiser_action` is the action the base model itself takes in each action mode, so that
 running it in the env reproduces the base model's own stochastic reverse chain.
-:class:`DenoiserPolicy` wraps a (trainable) denoiser into a Gaussian policy head returning
-``(loc, scale)``, the form TorchRL's ``ProbabilisticActor`` and most PG code expect.
+:class:`DenoiserPolicy` wraps a (trainable copy of a) base model into a Gaussian policy head
+returning ``(loc, scale)``, the form TorchRL's ``ProbabilisticActor`` and most PG code expect.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn as nn
 from refit_gym.diffusion.gaussian import GaussianDiffusion
 from refit_gym.envs.core import ACTION_MODES
 from refit_gym.errors import ConfigError
+from refit_gym.models.base import BaseModel
 
 
 def diffusion_step(t_remaining: torch.Tensor) -> torch.Tensor:
@@ -24,7 +26,7 @@ def diffusion_step(t_remaining: torch.Tensor) -> torch.Tensor:
 
 
 def denoiser_action(
-    denoiser: nn.Module,
+    denoiser: Callable[..., torch.Tensor],
     diffusion: GaussianDiffusion,
     x_t: torch.Tensor,
     t_remaining: torch.Tensor,
@@ -36,8 +38,10 @@ def denoiser_action(
     In ``x0`` mode the env adds the schedule's posterior noise, so the env reproduces the base
     model's own stochastic chain; in ``x_prev`` mode the posterior mean is the deterministic
     (DiffRec evaluation) path; add ``exp(0.5 * log_variance) * z`` for the stochastic one.
-    Any leading batch dims are accepted (``x_t``: ``(..., n_items)``, ``t``: ``(..., 1)``), as
-    TorchRL losses pass ``(batch, time)`` tensordicts. Differentiable in the denoiser's parameters.
+    ``denoiser`` is a base model's :meth:`~refit_gym.models.BaseModel.denoise` (or any
+    ``f(x_t, t, **context)``). Any leading batch dims are accepted (``x_t``: ``(..., state_dim)``,
+    ``t``: ``(..., 1)``), as TorchRL losses pass ``(batch, time)`` tensordicts. Differentiable in
+    the denoiser's parameters.
     """
     if action_mode not in ACTION_MODES:
         raise ConfigError(f"action_mode must be one of {list(ACTION_MODES)}, got {action_mode!r}")
@@ -52,39 +56,43 @@ def denoiser_action(
 
 
 class DenoiserPolicy(nn.Module):
-    """A Gaussian policy head over a denoiser: ``loc`` = :func:`denoiser_action`, ``scale`` = ``exp(log_std)``.
+    """A Gaussian policy head over a base model: ``loc`` = :func:`denoiser_action`, ``scale`` = ``exp(log_std)``.
 
-    ``log_std`` is a learnable, state-independent parameter (one scalar, or one per item with
-    ``per_item_std=True``). Pass a *copy* of the env's frozen denoiser with
-    ``requires_grad_(True)`` to fine-tune it.
+    The policy holds a trainable **copy** of ``model`` (the env's frozen base model is never
+    touched), so the pretrained denoiser is the policy's initialisation. ``log_std`` is a
+    learnable, state-independent parameter (one scalar, or one per state dimension with
+    ``per_dim_std=True``).
 
     Args:
-        denoiser: the network ``f(x_t, t, **context)``.
-        diffusion: its schedule.
+        model: the base model (e.g. ``env.unwrapped.base_model``); copied.
         action_mode: the env's action mode.
         log_std_init: initial exploration log-std (DiffRec's own posterior std on ML-1M is ~8e-4,
             ``log`` ~ -7; exploration usually needs more).
-        n_items: needed for ``per_item_std``.
-        per_item_std: one log-std per item instead of one scalar.
+        per_dim_std: one log-std per state dimension instead of one scalar.
     """
 
     def __init__(
         self,
-        denoiser: nn.Module,
-        diffusion: GaussianDiffusion,
+        model: BaseModel,
         action_mode: str = "x0",
         log_std_init: float = -3.0,
-        n_items: Optional[int] = None,
-        per_item_std: bool = False,
+        per_dim_std: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(model, BaseModel):
+            raise ConfigError(f"model must be a refit_gym.models.BaseModel, got {type(model).__name__}")
         if action_mode not in ACTION_MODES:
             raise ConfigError(f"action_mode must be one of {list(ACTION_MODES)}, got {action_mode!r}")
-        if per_item_std and not n_items:
-            raise ConfigError("per_item_std=True needs n_items")
-        self.denoiser, self.diffusion, self.action_mode = denoiser, diffusion, action_mode
-        self.log_std = nn.Parameter(torch.full((n_items if per_item_std else 1,), float(log_std_init)))
+        self.model = copy.deepcopy(model).requires_grad_(True).eval()
+        self.diffusion, self.action_mode = self.model.diffusion, action_mode
+        self.log_std = nn.Parameter(torch.full((model.state_dim if per_dim_std else 1,), float(log_std_init)))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = denoiser_action(self.denoiser, self.diffusion, x_t, t, self.action_mode)
+    def train(self, mode: bool = True) -> "DenoiserPolicy":
+        """The model stays in eval mode (dropout off), so sampling and scoring use one function."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = denoiser_action(self.model.denoise, self.diffusion, x_t, t, self.action_mode, **context)
         return loc, torch.exp(self.log_std).expand_as(loc)

@@ -17,7 +17,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from refit_gym.envs.presets import preset_for
 from refit_gym.envs.vector_env import DenoisingVectorEnv
 from refit_gym.errors import ConfigError
 
@@ -129,6 +128,6 @@ def make_sb3_vec_env(env_id: str, num_envs: int = 1, **kwargs: Any):
     if "autoreset_mode" in kwargs:
         raise ConfigError("the SB3 adapter always uses SAME_STEP autoreset (SB3's own semantics)")
     venv = DenoisingVectorEnv(
-        preset_for(env_id).name, num_envs=num_envs, autoreset_mode=AutoresetMode.SAME_STEP, **kwargs
+        env_id, num_envs=num_envs, autoreset_mode=AutoresetMode.SAME_STEP, **kwargs
     )
     return adapter(venv)

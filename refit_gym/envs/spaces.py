@@ -18,31 +18,28 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 def single_observation_space(core: DenoisingMDP) -> spaces.Dict:
     """``Dict(x_t, t, user, *context)`` of one row.
 
-    ``x_t``: ``Box(-b, b, (n_items,), float32)`` with ``b = action_bound`` (the state is kept in
-    the action's range); ``t``: ``Box(0, k, (1,), int64)``, the remaining steps;
-    ``user``: ``Box(0, n_users - 1, (1,), int64)``; a context tensor of the base model (none for
-    DiffRec): an unbounded float Box or a full-range integer Box of its per-row shape.
+    ``x_t``: ``Box(-b, b, (state_dim,), float32)`` with ``b = action_bound`` (the state is kept
+    in the action's range); ``t``: ``Box(0, k, (1,), int64)``, the remaining steps;
+    ``user``: ``Box(0, n_users - 1, (1,), int64)``; each conditioning tensor of the base model
+    (none for DiffRec): a Box of its per-row shape, dtype and bounds
+    (:meth:`~refit_gym.models.BaseModel.condition_spec`).
     """
     bound = np.float32(core.action_bound)
     entries: dict[str, spaces.Space] = {
-        "x_t": spaces.Box(-bound, bound, (core.n_items,), np.float32),
+        "x_t": spaces.Box(-bound, bound, (core.state_dim,), np.float32),
         "t": spaces.Box(0, core.exposed_steps, (1,), np.int64),
         "user": spaces.Box(0, core.n_users - 1, (1,), np.int64),
     }
-    for name, (shape, dtype) in sorted(core.context_spec.items()):
-        np_dtype = _numpy_dtype(dtype)
-        if np.issubdtype(np_dtype, np.integer):
-            info = np.iinfo(np_dtype)
-            entries[name] = spaces.Box(info.min, info.max, shape, np_dtype)
-        else:
-            entries[name] = spaces.Box(-np.inf, np.inf, shape, np_dtype)
+    for name, spec in sorted(core.context_spec.items()):
+        np_dtype = _numpy_dtype(spec.dtype)
+        entries[name] = spaces.Box(np_dtype.type(spec.low), np_dtype.type(spec.high), spec.shape, np_dtype)
     return spaces.Dict(entries)
 
 
 def single_action_space(core: DenoisingMDP) -> spaces.Box:
-    """``Box(-action_bound, action_bound, (n_items,), float32)``."""
+    """``Box(-action_bound, action_bound, (state_dim,), float32)``."""
     bound = np.float32(core.action_bound)
-    return spaces.Box(-bound, bound, (core.n_items,), np.float32)
+    return spaces.Box(-bound, bound, (core.state_dim,), np.float32)
 
 
 def observation_to_numpy(observation: dict[str, torch.Tensor], row: Optional[int] = None) -> dict[str, np.ndarray]:

@@ -12,7 +12,6 @@ from torchrl.envs import EnvBase
 
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.factory import EnvParts, build_env_parts
-from refit_gym.envs.presets import preset_for
 from refit_gym.errors import ConfigError
 
 
@@ -20,7 +19,7 @@ class DenoisingTorchRLEnv(EnvBase):
     """``num_envs`` denoising chains as a TorchRL environment with ``batch_size=[num_envs]``.
 
     The MDP, its arguments and rewards are those of :class:`~refit_gym.envs.gym_env.DenoisingEnv`.
-    Specs (``N = num_envs``, ``n = n_items``, ``b = action_bound``, ``k = exposed_steps``):
+    Specs (``N = num_envs``, ``n = state_dim``, ``b = action_bound``, ``k = exposed_steps``):
 
     | key | spec |
     |---|---|
@@ -28,6 +27,7 @@ class DenoisingTorchRLEnv(EnvBase):
     | ``x_t`` | ``Bounded(-b, b, (N, n), float32)`` |
     | ``t`` | ``Bounded(0, k, (N, 1), int64)``, remaining steps |
     | ``user`` | ``Bounded(0, n_users - 1, (N, 1), int64)`` |
+    | conditioning | ``Bounded(low, high, (N, *shape), dtype)`` per tensor of the base model's ``condition_spec()`` |
     | ``("reward_terms", name)`` | ``Unbounded((N,), float32)``: each unweighted reward term at the terminal step (0 before) |
     | ``reward`` | ``Unbounded((N, 1), float32)`` |
     | ``done`` / ``terminated`` / ``truncated`` | ``Categorical(2, (N, 1), bool)``; never truncated |
@@ -38,22 +38,22 @@ class DenoisingTorchRLEnv(EnvBase):
     it, see :mod:`refit_gym.envs.core`).
 
     Args:
-        preset: ``"synthetic"`` / ``"ml1m"`` (or an env id).
+        scenario: an env id or a scenario YAML path.
         num_envs: N.
         device: where every tensor lives (the core computes there too).
         **kwargs: the chain, reward and data arguments of :func:`~refit_gym.envs.factory.build_env_parts`.
     """
 
-    def __init__(self, preset: str = "synthetic", num_envs: int = 1, device: Any = "cpu",
+    def __init__(self, scenario: str = "ReFiT-Synthetic-v0", num_envs: int = 1, device: Any = "cpu",
                  parts: Optional[EnvParts] = None, **kwargs: Any) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ConfigError(f"num_envs must be a positive integer, got {num_envs!r}")
         if parts is None:
-            parts = build_env_parts(preset, batch_size=int(num_envs), device=device, **kwargs)
+            parts = build_env_parts(scenario, batch_size=int(num_envs), device=device, **kwargs)
         elif kwargs or parts.core.batch_size != num_envs:
             raise ConfigError("with prebuilt parts, num_envs must equal the core's batch size and no env kwargs are accepted")
         super().__init__(device=parts.core.device, batch_size=torch.Size([int(num_envs)]))
-        self.core, self.data, self.preset = parts.core, parts.data, parts.preset
+        self.core, self.data, self.scenario = parts.core, parts.data, parts.scenario
         self.num_envs = int(num_envs)
         self.rng = np.random.default_rng()
         """The generator the episode seeds are drawn from (``set_seed`` replaces it)."""
@@ -65,11 +65,11 @@ class DenoisingTorchRLEnv(EnvBase):
     @classmethod
     def from_core(cls, core: DenoisingMDP, data=None) -> "DenoisingTorchRLEnv":
         """A TorchRL env over an existing core (e.g. the one an agent's trainer built)."""
-        return cls(num_envs=core.batch_size, parts=EnvParts(core=core, data=data, preset=preset_for("synthetic")))
+        return cls(num_envs=core.batch_size, parts=EnvParts(core=core, data=data))
 
     @property
     def base_model(self):
-        """The frozen base diffusion recommender (copy its ``denoiser`` to fine-tune it)."""
+        """The frozen base model (copy it to fine-tune it)."""
         return self.core.model
 
     def _reward_term_names(self) -> list[str]:
@@ -80,7 +80,7 @@ class DenoisingTorchRLEnv(EnvBase):
         return names
 
     def _make_specs(self) -> None:
-        n, bound, shape = self.core.n_items, self.core.action_bound, (self.num_envs,)
+        n, bound, shape = self.core.state_dim, self.core.action_bound, (self.num_envs,)
         batch = torch.Size(shape)
         terms = Composite(
             {name: Unbounded(shape=batch, dtype=torch.float32, device=self.device) for name in self._term_names},
@@ -93,8 +93,9 @@ class DenoisingTorchRLEnv(EnvBase):
             "user": Bounded(0, self.core.n_users - 1, shape=(*shape, 1), dtype=torch.int64, device=self.device),
             "reward_terms": terms,
         }
-        for name, (row_shape, dtype) in sorted(self.core.context_spec.items()):
-            entries[name] = Unbounded(shape=(*shape, *row_shape), dtype=dtype, device=self.device)
+        for name, spec in sorted(self.core.context_spec.items()):
+            entries[name] = Bounded(spec.low, spec.high, shape=(*shape, *spec.shape), dtype=spec.dtype,
+                                    device=self.device)
         self.observation_spec = Composite(entries, shape=batch, device=self.device)
         self.action_spec = Bounded(-bound, bound, shape=(*shape, n), dtype=torch.float32, device=self.device)
         self.reward_spec = Unbounded(shape=(*shape, 1), dtype=torch.float32, device=self.device)
@@ -136,4 +137,4 @@ def make_torchrl_env(env_id: str, num_envs: int = 1, device: Any = "cpu", **kwar
 
     Accepts the same keyword arguments as ``gym.make(env_id, ...)``.
     """
-    return DenoisingTorchRLEnv(preset_for(env_id).name, num_envs=num_envs, device=device, **kwargs)
+    return DenoisingTorchRLEnv(env_id, num_envs=num_envs, device=device, **kwargs)

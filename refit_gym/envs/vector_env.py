@@ -10,7 +10,6 @@ from gymnasium.vector.utils import batch_space
 
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.factory import EnvParts, build_env_parts
-from refit_gym.envs.presets import preset_for
 from refit_gym.envs.rendering import render_rows
 from refit_gym.envs.spaces import (
     observation_to_numpy,
@@ -37,8 +36,8 @@ class DenoisingVectorEnv(VectorEnv):
     """``num_envs`` users' denoising chains stepped as one batch (see :class:`~refit_gym.envs.gym_env.DenoisingEnv`
     for the MDP, its spaces, rewards and arguments).
 
-    Observations are the single env's ``Dict`` batched (``x_t``: ``(N, n_items)``, ``t`` and
-    ``user``: ``(N, 1)``), returned as fresh numpy arrays; actions are ``(N, n_items)`` floats.
+    Observations are the single env's ``Dict`` batched (``x_t``: ``(N, state_dim)``, ``t`` and
+    ``user``: ``(N, 1)``), returned as fresh numpy arrays; actions are ``(N, state_dim)`` floats.
     ``info`` is a dict of arrays with ``_key`` masks; at the terminal step
     ``info["reward_terms"][name]`` holds each reward term (mask ``info["reward_terms"]["_" + name]``).
 
@@ -56,7 +55,7 @@ class DenoisingVectorEnv(VectorEnv):
     env with seed ``s`` for the same actions (CPU).
 
     Args:
-        preset: the env's preset (set by the registration).
+        scenario: the env id or scenario YAML (set by the registration).
         num_envs: N, users per batch.
         autoreset_mode: see above.
         max_episode_steps: accepted for ``gym.make_vec``; ``None`` or at least ``k`` (the
@@ -70,7 +69,7 @@ class DenoisingVectorEnv(VectorEnv):
 
     def __init__(
         self,
-        preset: str = "synthetic",
+        scenario: str = "ReFiT-Synthetic-v0",
         num_envs: int = 1,
         autoreset_mode: AutoresetMode | str = AutoresetMode.DISABLED,
         max_episode_steps: Optional[int] = None,
@@ -86,10 +85,10 @@ class DenoisingVectorEnv(VectorEnv):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ConfigError(f"num_envs must be a positive integer, got {num_envs!r}")
         if parts is None:
-            parts = build_env_parts(preset, batch_size=int(num_envs), **kwargs)
+            parts = build_env_parts(scenario, batch_size=int(num_envs), **kwargs)
         elif kwargs or parts.core.batch_size != num_envs:
             raise ConfigError("with prebuilt parts, num_envs must equal the core's batch size and no env kwargs are accepted")
-        self.core, self.data, self.preset = parts.core, parts.data, parts.preset
+        self.core, self.data, self.scenario, self.parts = parts.core, parts.data, parts.scenario, parts
         if max_episode_steps is not None and (
             isinstance(max_episode_steps, bool)
             or not isinstance(max_episode_steps, (int, np.integer))
@@ -115,12 +114,12 @@ class DenoisingVectorEnv(VectorEnv):
                   **front_kwargs: Any) -> "DenoisingVectorEnv":
         """A vector env over an existing core (e.g. the one an agent's trainer built); ``num_envs``
         is the core's batch size. ``data`` (optional) gives ``render()`` its item titles."""
-        parts = EnvParts(core=core, data=data, preset=preset_for("synthetic"))
+        parts = EnvParts(core=core, data=data)
         return cls(num_envs=core.batch_size, autoreset_mode=autoreset_mode, parts=parts, **front_kwargs)
 
     @property
     def base_model(self):
-        """The frozen base diffusion recommender (copy its ``denoiser`` to fine-tune it)."""
+        """The frozen base model (copy it to fine-tune it)."""
         return self.core.model
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
@@ -179,6 +178,6 @@ class DenoisingVectorEnv(VectorEnv):
         if self.render_mode is None:
             return None
         if not self.core.ready:
-            return tuple(f"{self.preset.env_id}: not reset yet\n" for _ in range(self.num_envs))
+            return tuple(f"{self.parts.name}: not reset yet\n" for _ in range(self.num_envs))
         rows = range(self.num_envs)
-        return tuple(render_rows(self.core, rows, self.data.item_titles, self.render_top_k, self.preset.env_id))
+        return tuple(render_rows(self.core, rows, self.parts.item_titles, self.render_top_k, self.parts.name))

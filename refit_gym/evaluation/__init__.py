@@ -1,6 +1,13 @@
-"""Full-ranking evaluation (DiffRec's protocol): metrics, accumulator and the evaluator."""
+"""Full-ranking evaluation (the ``cf`` and ``sequential`` protocols): metrics, accumulator and the evaluator."""
 
-from refit_gym.evaluation.evaluator import EvaluationResult, Recommender, evaluate
+from refit_gym.evaluation.evaluator import (
+    EvaluationProtocol,
+    EvaluationResult,
+    Recommender,
+    as_protocol,
+    check_recommender,
+    evaluate,
+)
 from refit_gym.evaluation.metrics import (
     MetricAccumulator,
     mask_and_rank,
@@ -10,7 +17,10 @@ from refit_gym.evaluation.metrics import (
 )
 
 __all__ = [
+    "EvaluationProtocol",
     "EvaluationResult",
+    "as_protocol",
+    "check_recommender",
     "MetricAccumulator",
     "Recommender",
     "evaluate",

@@ -1,27 +1,39 @@
 """Full-ranking evaluation of a recommender on the valid / test splits of an ``InteractionData``.
 
-The protocol is DiffRec's (``DESIGN.md``, "Evaluation"): every user is scored over all items;
-for ``valid`` the user's train items are excluded, for ``test`` its train + valid items
-(:meth:`InteractionData.seen_before`); the metrics of :mod:`refit_gym.evaluation.metrics` are
-averaged over **all** users by default -- a user whose ground truth is empty in a split counts in
-the denominator with 0 (DiffRec's convention; ``average_over="nonempty"`` divides by the users
-with a non-empty ground truth instead).
+Two protocols (:class:`EvaluationProtocol`):
 
-``recommender.score`` is called once per batch of users and its scores serve every requested
-split, since scoring (a diffusion chain) costs far more than ranking.
+* ``cf`` (DiffRec / CF-Diff, ``DESIGN.md`` "Evaluation"): every split is predicted from the
+  user's **training** history; items seen before the split are excluded from the ranking (train
+  for ``valid``, train + valid for ``test``, :meth:`InteractionData.seen_before`); recall / ndcg /
+  precision / mrr.
+* ``sequential`` (DiffuRec / DreamRec leave-one-out): ``valid`` is predicted from the training
+  sequence, ``test`` from the training sequence followed by the validation item; nothing is
+  excluded by default (DiffuRec ranks history items too; ``mask_history=True`` excludes them);
+  hr / ndcg.
+
+Metrics are averaged over **all** users by default -- a user whose ground truth is empty counts
+with 0 (DiffRec's convention; ``average_over="nonempty"`` divides by the users with a non-empty
+ground truth instead).
+
+A recommender gets a :class:`~refit_gym.data.history.HistoryBatch`, the histories the protocol
+allows it to read, never a user id alone: it cannot look at the ground truth. ``score`` is
+called once per batch of users and input history, and its scores serve every split that is
+predicted from the same history (both ``cf`` splits), since scoring (a diffusion chain) costs
+far more than ranking.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from refit_gym.data.interactions import InteractionData
+from refit_gym.data.history import HistoryBatch, SequenceTable
+from refit_gym.data.interactions import InteractionData, UserSequences
 from refit_gym.errors import ConfigError, DataError
 from refit_gym.evaluation.metrics import (
     AVERAGE_OVER,
@@ -37,21 +49,79 @@ from refit_gym.evaluation.metrics import (
 SPLITS = ("valid", "test")
 
 
-@runtime_checkable
-class Recommender(Protocol):
-    """Anything that scores all items for a batch of users.
+class Recommender:
+    """What the evaluator needs (a structural type: any object with these two members).
 
-    ``score(users)`` gets a ``LongTensor (B,)`` of user ids and returns a floating tensor
-    ``(B, n_items)``, higher = better. It may only use the users' *train* data: the evaluator
-    passes user ids, never valid / test interactions. The evaluator overwrites the returned
-    tensor in place (masking), so return a fresh tensor, not a stored one (a view is detected and
-    copied).
+    ``n_items``: the number of items it scores. ``score(history)`` gets a
+    :class:`~refit_gym.data.history.HistoryBatch` (the users and the histories the protocol lets
+    it read) and returns a floating tensor ``(B, n_items)``, higher = better. The evaluator
+    overwrites the returned tensor in place (masking), so return a fresh tensor, not a stored
+    one (a view is detected and copied). Baselines fitted on training data may also use
+    ``history.users`` to look up what they fitted, never the ground truth.
     """
 
-    @property
-    def n_items(self) -> int: ...
+    n_items: int
 
-    def score(self, users: torch.Tensor) -> torch.Tensor: ...
+    def score(self, history: HistoryBatch) -> torch.Tensor:  # pragma: no cover - a type, not an implementation
+        raise NotImplementedError
+
+
+def check_recommender(recommender: Any) -> int:
+    """The number of items ``recommender`` scores; ``ConfigError`` if it is not a usable recommender
+    (no ``score`` method, or ``n_items`` missing, e.g. an unfitted baseline)."""
+    if not callable(getattr(type(recommender), "score", None)):
+        raise ConfigError(f"{type(recommender).__name__} is not a recommender: it has no score(history) method")
+    try:
+        return int(recommender.n_items)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise ConfigError(f"{type(recommender).__name__} cannot be evaluated: {error}") from None
+
+
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How a split is predicted and ranked.
+
+    Attributes:
+        name: ``"cf"`` or ``"sequential"`` (also the metric family).
+        mask_history: exclude the items seen before the split from the ranking (default: True
+            for ``cf``, False for ``sequential``, as DiffuRec).
+    """
+
+    name: str = "cf"
+    mask_history: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS:
+            raise ConfigError(f"unknown evaluation protocol {self.name!r}; expected one of {PROTOCOLS}")
+        if self.mask_history is None:
+            object.__setattr__(self, "mask_history", self.name == "cf")
+
+    def input_sequences(self, data: InteractionData, split: str) -> UserSequences:
+        """The histories ``split`` is predicted from."""
+        if self.name == "sequential" and split == "test":
+            return data.train_sequences.extended(data.valid)
+        return data.train_sequences
+
+    def exclusions(self, data: InteractionData, split: str) -> Optional[sp.csr_matrix]:
+        """Items excluded from the ranking of ``split`` (``None``: nothing)."""
+        return data.seen_before(split).tocsr() if self.mask_history else None
+
+
+def protocol_from_config(evaluation: Any, recommender: Any = None) -> EvaluationProtocol:
+    """The protocol an ``evaluation`` config section asks for (``protocol`` unset: the
+    recommender's own)."""
+    name = evaluation.protocol or getattr(recommender, "protocol", "cf")
+    return EvaluationProtocol(name, evaluation.mask_history)
+
+
+def as_protocol(protocol: Union[str, EvaluationProtocol, None], recommender: Any = None) -> EvaluationProtocol:
+    """``protocol`` as an :class:`EvaluationProtocol`; ``None`` = the recommender's own
+    (``recommender.protocol``), else ``cf``."""
+    if isinstance(protocol, EvaluationProtocol):
+        return protocol
+    if protocol is None:
+        protocol = getattr(recommender, "protocol", "cf")
+    return EvaluationProtocol(protocol)
 
 
 @dataclass
@@ -107,7 +177,7 @@ def _check_splits(splits: Union[str, Iterable[str]]) -> tuple[str, ...]:
             raise ConfigError(f"unknown evaluation split {split!r}; expected 'valid' or 'test'")
     if len(set(splits)) != len(splits):
         raise ConfigError(f"splits {splits!r} repeats a split")
-    return splits
+    return tuple(sorted(splits, key=SPLITS.index))
 
 
 def _is_subset(a: sp.csr_matrix, b: sp.csr_matrix) -> bool:
@@ -115,32 +185,42 @@ def _is_subset(a: sp.csr_matrix, b: sp.csr_matrix) -> bool:
     return (a - a.multiply(b)).count_nonzero() == 0
 
 
-def _mask_plan(
-    data: InteractionData, splits: tuple[str, ...]
-) -> list[tuple[str, sp.csr_matrix, bool]]:
-    """``(split, exclusion matrix, incremental)`` in processing order (valid before test).
+@dataclass
+class _SplitPlan:
+    split: str
+    exclude: Optional[sp.csr_matrix]
+    incremental: bool  # exclude adds to the previous split's mask on the same scores
 
-    The masks are nested (train for valid, train + valid for test), so both splits share one
-    score tensor masked in place: valid is ranked with train masked, then test with only the
-    valid items masked *in addition* (``incremental=True``). A mask that is not a superset of
-    the previous one is applied in full to a fresh copy of the scores instead.
+
+def _plans(protocol: EvaluationProtocol, data: InteractionData, splits: tuple[str, ...]) -> list[list[_SplitPlan]]:
+    """Groups of splits predicted from the same history (one ``score`` call each), in order.
+
+    Within a group the masks are nested (train for valid, train + valid for test), so the splits
+    share one score tensor masked in place: valid is ranked with train masked, then test with
+    only the valid items masked *in addition*. A mask that is not a superset of the previous
+    one is applied in full to a fresh copy of the scores instead.
     """
-    plan = []
-    previous: Optional[sp.csr_matrix] = None
-    for split in sorted(splits, key=SPLITS.index):
-        seen = data.seen_before(split).tocsr()
-        if previous is not None and _is_subset(previous, seen):
-            increment = (seen - seen.multiply(previous)).tocsr()
+    groups: list[list[_SplitPlan]] = []
+    previous_input: Optional[UserSequences] = None
+    previous_mask: Optional[sp.csr_matrix] = None
+    for split in splits:
+        history = protocol.input_sequences(data, split)
+        if history is not previous_input:
+            groups.append([])
+            previous_mask = None
+        seen = protocol.exclusions(data, split)
+        if seen is not None and previous_mask is not None and _is_subset(previous_mask, seen):
+            increment = (seen - seen.multiply(previous_mask)).tocsr()
             increment.eliminate_zeros()
-            plan.append((split, increment, True))
+            groups[-1].append(_SplitPlan(split, increment, True))
         else:
-            plan.append((split, seen, False))
-        previous = seen
-    return plan
+            groups[-1].append(_SplitPlan(split, seen, False))
+        previous_input, previous_mask = history, seen
+    return groups
 
 
 def evaluate(
-    recommender: Recommender,
+    recommender: Any,
     data: InteractionData,
     splits: Union[str, Iterable[str]] = ("valid", "test"),
     ks: Iterable[int] = (10, 20, 50, 100),
@@ -149,37 +229,36 @@ def evaluate(
     export_topk: Optional[int] = None,
     progress: bool = False,
     *,
-    protocol: str = "cf",
+    protocol: Union[str, EvaluationProtocol, None] = None,
     average_over: str = "all",
 ) -> EvaluationResult:
     """Rank all items for every user and average the top-K metrics per split.
 
     Args:
-        recommender: see :class:`Recommender`; ``score`` is called once per batch of users
-            (users in id order) and its scores serve every split.
-        data: the dataset; ground truth = ``data.valid`` / ``data.test``, exclusions =
-            ``data.seen_before(split)``.
+        recommender: see :class:`Recommender`; ``score`` is called once per batch of users (in
+            id order) and input history.
+        data: the dataset; ground truth = ``data.valid`` / ``data.test``.
         splits: ``"valid"`` and/or ``"test"``.
         ks: cut-offs of the metrics.
         batch_size: users per ``score`` call.
-        device: where masking and ranking run (and where the user ids are passed); ``None`` =
-            wherever ``score`` returns its tensor.
+        device: where the histories are built and masking and ranking run; ``None`` = the CPU
+            for the histories and wherever ``score`` returns its tensor for the ranking.
         export_topk: also return each user's top ``export_topk`` items per split.
         progress: show a tqdm bar over the batches.
-        protocol: ``"cf"`` (recall / ndcg / precision / mrr) or ``"sequential"`` (hr / ndcg).
+        protocol: ``"cf"``, ``"sequential"`` or an :class:`EvaluationProtocol`; ``None`` = the
+            recommender's own ``protocol`` attribute, else ``"cf"``.
         average_over: ``"all"`` (DiffRec: users with an empty ground truth count with 0) or
             ``"nonempty"``.
     """
     splits = _check_splits(splits)
     ks = check_ks(ks)
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown metric protocol {protocol!r}; expected one of {PROTOCOLS}")
+    protocol = as_protocol(protocol, recommender)
     if average_over not in AVERAGE_OVER:
         raise ConfigError(f"unknown average_over {average_over!r}; expected one of {AVERAGE_OVER}")
     if not is_positive_int(batch_size):
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     n_users, n_items = data.n_users, data.n_items
-    if int(recommender.n_items) != n_items:
+    if check_recommender(recommender) != n_items:
         raise DataError(
             f"the recommender scores {recommender.n_items} items but {data.name} has {n_items}"
         )
@@ -193,8 +272,9 @@ def evaluate(
         )
     device = torch.device(device) if device is not None else None
 
-    plan = _mask_plan(data, splits)
-    needs_copies = sum(not incremental for _, _, incremental in plan) > 1
+    groups = _plans(protocol, data, splits)
+    tables = [SequenceTable(protocol.input_sequences(data, group[0].split), n_items, device or "cpu")
+              for group in groups]
     ground_truth = {split: data.split(split).tocsr() for split in splits}
     gt_sizes = {split: np.diff(ground_truth[split].indptr) for split in splits}
     accumulators = {split: MetricAccumulator(average_over) for split in splits}
@@ -212,30 +292,34 @@ def evaluate(
     with torch.no_grad():
         for start in starts:
             stop = min(start + batch_size, n_users)
-            users = torch.arange(start, stop, dtype=torch.long, device=device)
-            scores = recommender.score(users)
-            check_scores(scores, stop - start, n_items)
-            if device is not None and scores.device != device:
-                scores = scores.to(device)
-            if scores._is_view() or not scores.is_contiguous():
-                scores = scores.clone()  # never write into the recommender's own storage
-            working = scores
-            for split, exclude, incremental in plan:
-                if not incremental:
-                    working = scores.clone() if needs_copies else scores
-                top = _mask_and_topk(working, exclude[start:stop], depth)
-                truth = ground_truth[split][start:stop]
-                metrics = ranking_metrics(top, truth, ks, protocol=protocol)
-                accumulators[split].add(metrics, gt_sizes[split][start:stop])
-                if exported is not None:
-                    exported[split][start:stop] = top[:, :export_topk].cpu().numpy()
+            users = torch.arange(start, stop, dtype=torch.long, device=device or "cpu")
+            for group, table in zip(groups, tables):
+                scores = recommender.score(table.batch(users))
+                check_scores(scores, stop - start, n_items)
+                if device is not None and scores.device != device:
+                    scores = scores.to(device)
+                if scores._is_view() or not scores.is_contiguous():
+                    scores = scores.clone()  # never write into the recommender's own storage
+                needs_copies = sum(not plan.incremental for plan in group) > 1
+                working = scores
+                for plan in group:
+                    if not plan.incremental:
+                        working = scores.clone() if needs_copies else scores
+                    exclude = plan.exclude[start:stop] if plan.exclude is not None else None
+                    top = _mask_and_topk(working, exclude, depth)
+                    truth = ground_truth[plan.split][start:stop]
+                    metrics = ranking_metrics(top, truth, ks, protocol=protocol.name)
+                    accumulators[plan.split].add(metrics, gt_sizes[plan.split][start:stop])
+                    if exported is not None:
+                        exported[plan.split][start:stop] = top[:, :export_topk].cpu().numpy()
 
     return EvaluationResult(
         metrics={split: accumulators[split].result() for split in splits},
         top_items=exported,
         ks=ks,
-        protocol=protocol,
+        protocol=protocol.name,
         average_over=average_over,
         n_users=n_users,
         dataset=data.name,
+        extras={"mask_history": protocol.mask_history} if protocol.name == "sequential" else {},
     )

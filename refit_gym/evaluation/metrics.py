@@ -144,9 +144,10 @@ def mask_and_rank(
     return _mask_and_topk(scores if inplace else scores.clone(), exclude, int(k))
 
 
-def _mask_and_topk(scores: torch.Tensor, exclude: sp.spmatrix, k: int) -> torch.Tensor:
-    """:func:`mask_and_rank` in place, without validating ``scores`` and ``k``."""
-    mask_(scores, exclude)
+def _mask_and_topk(scores: torch.Tensor, exclude: Optional[sp.spmatrix], k: int) -> torch.Tensor:
+    """:func:`mask_and_rank` in place, without validating ``scores`` and ``k`` (``exclude=None``: no mask)."""
+    if exclude is not None:
+        mask_(scores, exclude)
     values, top = torch.topk(scores, k, dim=1, largest=True, sorted=True)
     return top.masked_fill_(values == float("-inf"), -1)
 

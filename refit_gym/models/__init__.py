@@ -1,18 +1,38 @@
-"""Base diffusion recommenders behind one interface (:class:`DiffusionRecommender`)."""
+"""Base diffusion recommenders behind one interface (:class:`BaseModel`).
+
+=============  ==============================================================  ================
+name           model                                                           file
+=============  ==============================================================  ================
+``diffrec``    DiffRec: MLP denoiser over the interaction row                  ``diffrec.py``
+``tdiffrec``   T-DiffRec: DiffRec over recency-weighted rows                   ``tdiffrec.py``
+``cfdiff``     CF-Diff: cross-attention denoiser conditioned on 2- and 3-hop   ``cfdiff.py``
+               neighbourhood rows
+=============  ==============================================================  ================
+
+Your own model: subclass :class:`BaseModel` in any module and name it in a config as
+``model: {name: "package.module:Class", ...}`` (or :func:`register_model` it); see
+``docs/models.md``.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Union
 
 import torch
 
-from refit_gym.config import DiffusionConfig, ModelConfig
-from refit_gym.data.interactions import InteractionData
-from refit_gym.data.sparse_rows import SparseRows
+from refit_gym.config import DiffusionConfig
+from refit_gym.data.interactions import InteractionData, TrainingInteractions
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.errors import ConfigError
-from refit_gym.models.base import DiffusionRecommender
-from refit_gym.models.diffrec import DiffRecMLP
+from refit_gym.models.base import (
+    MODELS,
+    BaseModel,
+    ChainInputs,
+    ConditionSpec,
+    ModelConfig,
+    model_class,
+    model_config,
+    register_model,
+)
 
 
 def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
@@ -27,34 +47,28 @@ def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
     )
 
 
-def build_diffrec(model: ModelConfig, diffusion: DiffusionConfig, data: InteractionData) -> DiffusionRecommender:
-    """DiffRec (Wang et al. 2023): the MLP denoiser over the user's interaction row."""
-    denoiser = DiffRecMLP(
-        n_items=data.n_items, dims=model.dims, time_emb_dim=model.time_emb_dim, dropout=model.dropout, norm=model.norm
-    )
-    recommender = DiffusionRecommender(
-        denoiser,
-        build_diffusion(diffusion),
-        SparseRows(data.train),
-        noise_steps=diffusion.noise_steps,
-        config={"n_users": data.n_users, "n_items": data.n_items},
-    )
-    recommender.model_name = "diffrec"
-    return recommender
-
-
-MODELS: dict[str, Callable[[ModelConfig, DiffusionConfig, InteractionData], DiffusionRecommender]] = {
-    "diffrec": build_diffrec,
-}
-
-
 def build_model(
-    model: ModelConfig, diffusion: DiffusionConfig, data: InteractionData, device: torch.device | str = "cpu"
-) -> DiffusionRecommender:
-    """Build the named base model for ``data`` on ``device`` (weights freshly initialised)."""
-    if model.name not in MODELS:
-        raise ConfigError(f"unknown base model {model.name!r}; available: {sorted(MODELS)}")
-    return MODELS[model.name](model, diffusion, data).to(device)
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    data: Union[InteractionData, TrainingInteractions],
+    device: torch.device | str = "cpu",
+) -> BaseModel:
+    """Build ``model.name`` for ``data``'s training interactions on ``device`` (weights freshly initialised)."""
+    train = data if isinstance(data, TrainingInteractions) else TrainingInteractions.from_data(data)
+    config = model_config(model)
+    cls = model_class(config.name)
+    return cls(config, build_diffusion(diffusion), train, noise_steps=diffusion.noise_steps).to(device)
 
 
-__all__ = ["DiffusionRecommender", "DiffRecMLP", "MODELS", "build_model", "build_diffusion"]
+__all__ = [
+    "BaseModel",
+    "ChainInputs",
+    "ConditionSpec",
+    "MODELS",
+    "ModelConfig",
+    "build_diffusion",
+    "build_model",
+    "model_class",
+    "model_config",
+    "register_model",
+]

@@ -15,32 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-import scipy.sparse as sp
 import torch
 
-from refit_gym.data.interactions import InteractionData, UserSequences
-
-
-@dataclass(frozen=True)
-class TrainingInteractions:
-    """The only view of a dataset that rewards receive: training interactions, nothing else."""
-
-    train: sp.csr_matrix
-    train_sequences: UserSequences
-    name: str = ""
-
-    @classmethod
-    def from_data(cls, data: InteractionData) -> "TrainingInteractions":
-        return cls(train=data.train, train_sequences=data.train_sequences, name=data.name)
-
-    @property
-    def n_users(self) -> int:
-        return int(self.train.shape[0])
-
-    @property
-    def n_items(self) -> int:
-        return int(self.train.shape[1])
+from refit_gym.data.interactions import TrainingInteractions
 
 
 @dataclass

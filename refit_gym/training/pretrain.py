@@ -27,9 +27,9 @@ from refit_gym.checkpoint import METRICS_FILE, package_versions, save_checkpoint
 from refit_gym.config import ExperimentConfig, resolve_device
 from refit_gym.data.interactions import InteractionData
 from refit_gym.diffusion import TimestepSampler
-from refit_gym.evaluation.evaluator import evaluate
-from refit_gym.models import build_model
-from refit_gym.models.base import DiffusionRecommender
+from refit_gym.data.history import SequenceTable
+from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
+from refit_gym.models import BaseModel, build_model
 from refit_gym.training.run_log import CsvLogger, plot_curves
 
 
@@ -37,7 +37,7 @@ from refit_gym.training.run_log import CsvLogger, plot_curves
 class PretrainResult:
     """What a pretraining run produced."""
 
-    model: DiffusionRecommender
+    model: BaseModel
     best_epoch: int
     best_valid: float
     best_metrics: dict[str, dict[str, float]]
@@ -80,9 +80,16 @@ def pretrain(
     if init_from is not None:
         from refit_gym.checkpoint import load_checkpoint
 
-        model.denoiser.load_state_dict(load_checkpoint(init_from, data, device=device)[0].denoiser.state_dict())
+        model.load_state_dict(load_checkpoint(init_from, data, device=device)[0].state_dict())
     sampler = TimestepSampler(config.diffusion.steps, method=config.diffusion.timestep_sampling)
-    optimizer = torch.optim.AdamW(model.denoiser.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    table = SequenceTable(data.train_sequences, data.n_items, device)
+    protocol = protocol_from_config(config.evaluation, model)
+
+    def validate() -> dict[str, dict[str, float]]:
+        return evaluate(model, data, splits=("valid", "test"), ks=config.evaluation.ks,
+                        batch_size=config.evaluation.batch_size, device=device, protocol=protocol).metrics
+
     output = Path(output_dir) if output_dir is not None else None
     logger = None
     if output is not None:
@@ -92,12 +99,11 @@ def pretrain(
     best_valid, best_epoch, best_metrics = -math.inf, 0, {}
     if init_from is not None:  # the starting point competes too: continued training never selects worse
         model.eval()
-        best_metrics = evaluate(model, data, splits=("valid", "test"), ks=config.evaluation.ks,
-                                batch_size=config.evaluation.batch_size, device=device).metrics
+        best_metrics = validate()
         best_valid = best_metrics["valid"][settings.select_metric]
         if output is not None:
             save_checkpoint(output, model, config, data, metrics=_record(best_metrics, 0, config))
-    best_state = copy.deepcopy(model.denoiser.state_dict())
+    best_state = copy.deepcopy(model.state_dict())
     stale, decays, history = 0, 0, []
     start = time.perf_counter()
     seconds_to_best = 0.0
@@ -105,10 +111,9 @@ def pretrain(
     epoch = 0
     for epoch in epochs:
         model.train()
-        order = torch.randperm(data.n_users, generator=generator)
         total, batches = 0.0, 0
-        for users in order.split(settings.batch_size):
-            loss = model.training_loss(users, sampler, reweight=config.diffusion.reweight, generator=generator)
+        for batch in model.training_batches(table, settings.batch_size, generator):
+            loss = model.training_loss(batch, sampler, reweight=config.diffusion.reweight, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -121,14 +126,13 @@ def pretrain(
         out_of_time = settings.time_budget_s is not None and time.perf_counter() - start > settings.time_budget_s
         if epoch % settings.eval_every == 0 or epoch == settings.max_epochs or out_of_time:
             model.eval()
-            result = evaluate(model, data, splits=("valid", "test"), ks=config.evaluation.ks,
-                              batch_size=config.evaluation.batch_size, device=device)
-            valid = result.metrics["valid"][settings.select_metric]
-            row.update({f"valid_{k}": v for k, v in result.metrics["valid"].items() if k.endswith(("@10", "@20"))})
-            row.update({f"test_{k}": v for k, v in result.metrics["test"].items() if k.endswith(("@10", "@20"))})
+            metrics = validate()
+            valid = metrics["valid"][settings.select_metric]
+            row.update({f"valid_{k}": v for k, v in metrics["valid"].items() if k.endswith(("@10", "@20"))})
+            row.update({f"test_{k}": v for k, v in metrics["test"].items() if k.endswith(("@10", "@20"))})
             if valid > best_valid + settings.min_delta:
-                best_valid, best_epoch, best_metrics = valid, epoch, result.metrics
-                best_state = copy.deepcopy(model.denoiser.state_dict())
+                best_valid, best_epoch, best_metrics = valid, epoch, metrics
+                best_state = copy.deepcopy(model.state_dict())
                 seconds_to_best = time.perf_counter() - start
                 stale = 0
                 if output is not None:
@@ -142,7 +146,7 @@ def pretrain(
                 else:
                     decays, stale = decays + 1, 0
                     if settings.restore_best_on_decay:
-                        model.denoiser.load_state_dict(best_state)
+                        model.load_state_dict(best_state)
                     for group in optimizer.param_groups:
                         group["lr"] *= settings.lr_decay
                     row["event"] = f"lr decay -> {optimizer.param_groups[0]['lr']:.1e}" + (
@@ -155,7 +159,7 @@ def pretrain(
         if row.get("event", "").startswith("stop") or out_of_time:
             break
     seconds = time.perf_counter() - start
-    model.denoiser.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     model.eval()
     log(f"pretraining done: best valid {settings.select_metric} {best_valid:.4f} at epoch {best_epoch} "
         f"({epoch} epochs, {seconds:.0f} s; best reached after {seconds_to_best:.0f} s)")
@@ -171,72 +175,3 @@ def pretrain(
 def _record(metrics: dict, best_epoch: int, config: ExperimentConfig) -> dict[str, Any]:
     return {"stage": "pretrain", "best_epoch": best_epoch, "seed": config.seed, "metrics": metrics,
             "versions": package_versions()}
-
-
-def pretrained_checkpoint(
-    config: ExperimentConfig,
-    data: InteractionData,
-    cache_dir: Optional[str | Path] = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """The checkpoint of ``config``'s base model pretrained on ``data``, from the cache or trained now.
-
-    The cache key hashes everything the weights depend on (seed, model, diffusion and pretrain
-    sections, the training matrix); the folder is ``<cache_dir>/<name>-<hash>`` with
-    ``cache_dir`` defaulting to ``~/.cache/refit_gym/checkpoints`` (``$XDG_CACHE_HOME`` honoured).
-    A checkpoint is trained in a staging folder and renamed into place, so an interrupted run
-    never leaves a half-written cache entry.
-    """
-    import hashlib
-    import json
-    import os
-    import shutil
-    import tempfile
-
-    from refit_gym.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
-    described = {key: config.to_dict()[key] for key in ("seed", "model", "diffusion", "pretrain")}
-    described["train"] = train_fingerprint(data)
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir) if cache_dir is not None else default_checkpoint_cache()
-    directory = root / f"{data.name}-{config.model.name}-{digest}"
-    if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
-        log(f"using the cached pretrained model {directory}")
-        return directory
-    log(f"pretraining {config.model.name} on {data.name} (cached in {directory} for next time)")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=root))
-    try:
-        pretrain(config, data, output_dir=staging, progress=progress, log=log)
-        try:
-            os.replace(staging, directory)
-        except OSError:  # another process cached it first: keep that one
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
-
-
-def default_checkpoint_cache() -> Path:
-    """``$XDG_CACHE_HOME/refit_gym/checkpoints`` (``XDG_CACHE_HOME`` if absolute, else ``~/.cache``)."""
-    import os
-
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return root / "refit_gym" / "checkpoints"
-
-
-def train_fingerprint(data: InteractionData) -> str:
-    """A short hash of the training matrix (shape and nonzeros)."""
-    import hashlib
-
-    import numpy as np
-    import scipy.sparse as sp
-
-    train = sp.csr_matrix(data.train)
-    digest = hashlib.sha256()
-    digest.update(np.asarray(train.shape, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.indptr, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.indices, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]

@@ -1,7 +1,8 @@
 """The main job: pretrain a base model, fine-tune it, evaluate every stage next to simple baselines.
 
 ``refit-gym run --config configs/synthetic_diffrec.yaml --output runs/quickstart`` calls
-:func:`run_main_job`; the README's first command is exactly that. Each stage writes into its own
+:func:`run_main_job`; the README's first command is exactly that. It lives in the agents package
+because it runs the agents' trainer: the library (``refit_gym``) never imports ``agents``. Each stage writes into its own
 sub-folder of the output directory; ``results.json`` and ``results.md`` hold the final table.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, Callable, Optional
 from refit_gym.checkpoint import load_checkpoint, package_versions, write_json_atomic
 from refit_gym.config import ExperimentConfig, resolve_device
 from refit_gym.data import load_dataset
-from refit_gym.evaluation.evaluator import evaluate
+from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
@@ -55,8 +56,10 @@ def run_main_job(
         pretrain(config, data, output_dir=pretrained, progress=progress, log=log)
     model, _ = load_checkpoint(pretrained, data, device=device)
 
+    protocol = protocol_from_config(config.evaluation, model)
+
     def evaluate_both(recommender) -> dict[str, dict[str, float]]:
-        return evaluate(recommender, data, splits=("valid", "test"), ks=config.evaluation.ks,
+        return evaluate(recommender, data, splits=("valid", "test"), ks=config.evaluation.ks, protocol=protocol,
                         batch_size=config.evaluation.batch_size, device=device).metrics
 
     rows: dict[str, dict[str, dict[str, float]]] = {}

@@ -1,0 +1,167 @@
+"""The pretrained-model cache: a base model for a config and a dataset, from disk, or pretrained once.
+
+Two levels:
+
+* on disk, :func:`pretrained_checkpoint`: ``<cache_dir>/<data>-<model>-<hash>`` where the hash
+  covers everything the weights depend on (seed, model, diffusion and pretrain sections, the
+  training matrix); ``cache_dir`` defaults to ``$XDG_CACHE_HOME/refit_gym/checkpoints``
+  (``~/.cache/refit_gym/checkpoints``);
+* in the process, :func:`frozen_base_model`: one frozen model object per checkpoint, shared by
+  every environment built in the process.
+
+The pretraining code is imported only when a checkpoint is missing, so building an environment
+over a cached model never loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from refit_gym.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from refit_gym.config import ExperimentConfig
+from refit_gym.data.interactions import InteractionData
+from refit_gym.models import BaseModel, build_model
+
+_FROZEN: dict[tuple[str, str], BaseModel] = {}
+_LOCK = threading.Lock()
+
+
+def default_checkpoint_cache() -> Path:
+    """``$XDG_CACHE_HOME/refit_gym/checkpoints`` (``XDG_CACHE_HOME`` if absolute, else ``~/.cache``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return root / "refit_gym" / "checkpoints"
+
+
+def train_fingerprint(data: InteractionData) -> str:
+    """A short hash of the training matrix (shape and nonzeros) and of the training order."""
+    train = sp.csr_matrix(data.train)
+    digest = hashlib.sha256()
+    digest.update(np.asarray(train.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(train.indptr, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(train.indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(config: ExperimentConfig, data: InteractionData) -> str:
+    """``<data>-<model>-<hash>`` of everything the pretrained weights depend on."""
+    described = {key: config.to_dict()[key] for key in ("seed", "model", "diffusion", "pretrain")}
+    described["train"] = train_fingerprint(data)
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+    name = config.model.name.replace(":", ".").replace("/", ".")
+    return f"{data.name}-{name}-{digest}"
+
+
+def cached_checkpoint(config: ExperimentConfig, data: InteractionData, cache_dir: Optional[str | Path] = None) -> Path:
+    """Where :func:`pretrained_checkpoint` keeps ``config``'s model (it may not exist yet)."""
+    root = Path(cache_dir) if cache_dir is not None else default_checkpoint_cache()
+    return root / cache_key(config, data)
+
+
+def is_cached(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
+
+
+def pretrained_checkpoint(
+    config: ExperimentConfig,
+    data: InteractionData,
+    cache_dir: Optional[str | Path] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The checkpoint of ``config``'s base model pretrained on ``data``, from the cache or trained now.
+
+    A checkpoint is trained in a staging folder and renamed into place, so an interrupted run
+    never leaves a half-written cache entry.
+    """
+    import shutil
+    import tempfile
+
+    directory = cached_checkpoint(config, data, cache_dir)
+    if is_cached(directory):
+        log(f"using the cached pretrained model {directory}")
+        return directory
+    from refit_gym.training.pretrain import pretrain
+
+    log(f"pretraining {config.model.name} on {data.name} (cached in {directory} for next time)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        pretrain(config, data, output_dir=staging, progress=progress, log=log)
+        try:
+            os.replace(staging, directory)
+        except OSError:  # another process cached it first: keep that one
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def freeze(model: BaseModel) -> BaseModel:
+    """``model`` in eval mode with no trainable parameter (in place)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fresh_model(config: ExperimentConfig, data: InteractionData) -> BaseModel:
+    """A freshly initialised base model, seeded by the config (the global torch RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return build_model(config.model, config.diffusion, data, device="cpu")
+
+
+def frozen_base_model(
+    config: ExperimentConfig,
+    data: InteractionData,
+    checkpoint: Optional[str | os.PathLike] = None,
+    pretrained: bool = True,
+    load: Optional[Callable[[], BaseModel]] = None,
+) -> BaseModel:
+    """The frozen CPU base model of ``config`` on ``data``, shared in-process (the caller moves it).
+
+    ``checkpoint``: a checkpoint directory; else, with ``pretrained``, the cached pretrained one
+    (``load`` says how to get it when it is not in this process yet, e.g. pretraining it);
+    else a freshly initialised, seeded model.
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser().resolve()
+        key = ("checkpoint", f"{path}:{train_fingerprint(data)}")
+        loader: Callable[[], BaseModel] = lambda: load_checkpoint(path, data, device="cpu")[0]
+    elif not pretrained:
+        key = ("fresh", cache_key(config, data))
+        loader = lambda: fresh_model(config, data)
+    else:
+        key = ("pretrained", cache_key(config, data))
+        loader = load or (lambda: load_checkpoint(pretrained_checkpoint(config, data), data, device="cpu")[0])
+    with _LOCK:
+        if key not in _FROZEN:
+            _FROZEN[key] = freeze(loader())
+        return _FROZEN[key]
+
+
+def clear_model_cache() -> None:
+    """Forget the in-process frozen models (the disk cache stays)."""
+    with _LOCK:
+        _FROZEN.clear()
+
+
+__all__ = [
+    "cache_key",
+    "cached_checkpoint",
+    "clear_model_cache",
+    "default_checkpoint_cache",
+    "fresh_model",
+    "frozen_base_model",
+    "pretrained_checkpoint",
+    "train_fingerprint",
+]
