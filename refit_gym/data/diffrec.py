@@ -195,7 +195,7 @@ def _check_in_train_range(path: Path, pairs: np.ndarray, n_users: int, n_items: 
         row = int(np.flatnonzero(outside)[0])
         raise DataError(
             f"{path}: row {row} {pairs[row].tolist()} is outside the train range "
-            f"(users 0..{n_users - 1}, items 0..{n_items - 1}); {int(outside.sum())} such rows"
+            f"(users 0..{n_users - 1}, items 0..{n_items - 1}); {int(outside.sum())} such row(s)"
         )
 
 
