@@ -14,15 +14,15 @@ from refit_gym.errors import ConfigError, DataError
 
 def _diffrec_folder(folder):
     folder.mkdir(parents=True)
-    np.save(folder / "train_list.npy", np.array([[0, 0], [0, 1], [1, 1], [1, 0]]))
-    np.save(folder / "valid_list.npy", np.array([[0, 1], [1, 0]]))
-    np.save(folder / "test_list.npy", np.array([[0, 0], [1, 1]]))
+    np.save(folder / "train_list.npy", np.array([[0, 0], [0, 1], [1, 2], [1, 3]]))
+    np.save(folder / "valid_list.npy", np.array([[0, 2], [1, 0]]))
+    np.save(folder / "test_list.npy", np.array([[0, 3], [1, 1]]))
     return folder
 
 
 def _sequence_file(folder):
     folder.mkdir(parents=True)
-    content = {"train": {0: [1, 2], 1: [2]}, "val": {0: [2], 1: [1]}, "test": {0: [1], 1: [2]}}
+    content = {"train": {0: [1], 1: [2]}, "val": {0: [2], 1: [3]}, "test": {0: [3], 1: [1]}}
     (folder / "dataset.pkl").write_bytes(pickle.dumps(content))
     return folder / "dataset.pkl"
 
@@ -38,7 +38,7 @@ def test_dispatch_by_folder_content_and_suffix(tmp_path):
     _diffrec_folder(tmp_path / "my_diffrec")
     assert load_dataset("my_diffrec", data_dir=tmp_path).train.nnz == 4
     pkl = _sequence_file(tmp_path / "my_seq")
-    assert load_dataset("my_seq", data_dir=tmp_path).n_items == 2
+    assert load_dataset("my_seq", data_dir=tmp_path).n_items == 3
     assert load_dataset(pkl).name == "my_seq"
     ratings = _ratings_file(tmp_path / "ml-tiny" / "ratings.dat")
     assert load_dataset("ml-tiny", data_dir=tmp_path).n_users == 2

@@ -12,11 +12,12 @@ from refit_gym.errors import DataError
 
 
 def _content():
-    # raw MovieIDs 50, 7, 31, 12 -> item ids 1..4 (0 is padding)
+    # raw MovieIDs 50, 7, 31, 12 -> item ids 1..4 (0 is padding); no held-out item is in its
+    # user's history
     return {
-        "train": {0: [3, 1, 2], 1: [0, 0, 4, 2, 1, 4], 2: [1, 2, 3]},
+        "train": {0: [3, 1], 1: [0, 0, 4, 1, 4], 2: [1, 2]},
         "val": {0: [4], 1: [3], 2: [4]},
-        "test": {0: [2], 1: [2], 2: [1]},
+        "test": {0: [2], 1: [2], 2: [3]},
         "umap": {101: 0, 102: 1, 103: 2},
         "smap": {50: 1, 7: 2, 31: 3, 12: 4},
     }
@@ -37,11 +38,11 @@ def _write_movies(folder, ids=(50, 7, 31, 12)):
 def test_loads_shifted_ids_sequences_and_one_item_holdouts(tmp_path):
     data = load_sequences(_write(tmp_path / "toy_seq"))
     assert (data.name, data.n_users, data.n_items) == ("toy_seq", 3, 4)
-    assert data.train_sequences[0].tolist() == [2, 0, 1]  # ids shifted by -1, order kept
-    assert data.train_sequences[1].tolist() == [3, 1, 0, 3]  # padding removed, repeats kept
-    assert data.train[1].indices.tolist() == [0, 1, 3]  # the matrix is binary
-    assert data.train.nnz == 9 and data.valid.nnz == 3 and data.test.nnz == 3
-    assert data.valid[0].indices.tolist() == [3] and data.test[2].indices.tolist() == [0]
+    assert data.train_sequences[0].tolist() == [2, 0]  # ids shifted by -1, order kept
+    assert data.train_sequences[1].tolist() == [3, 0, 3]  # padding removed, repeats kept
+    assert data.train[1].indices.tolist() == [0, 3]  # the matrix is binary
+    assert data.train.nnz == 6 and data.valid.nnz == 3 and data.test.nnz == 3
+    assert data.valid[0].indices.tolist() == [3] and data.test[2].indices.tolist() == [2]
     assert data.extras["raw_item_ids"].tolist() == [50, 7, 31, 12]
     assert data.item_titles is None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,9 @@ _NUMERIC_FORMAT_DTYPE = np.dtype(
     [("user", "i8"), ("item", "i8"), ("rating", "f8"), ("timestamp", "i8")]
 )
 _GENERIC_FILE_STEMS = {"ratings", "u", "data", "interactions"}
+_INT64_MAX = np.iinfo(np.int64).max
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,11 @@ def load_ratings(
     order of their raw ids; split each user's interactions by timestamp (ties and files
     without timestamps in file order) with :func:`~refit_gym.data.splitting.chronological_split`,
     which also drops too-short users, duplicate pairs and held-out items unseen in train;
-    renumber the survivors to ``0..n-1`` again. Item titles come from a ``movies.dat`` next
-    to the file when there is one. ``extras["raw_user_ids"]`` / ``extras["raw_item_ids"]``
-    map the final ids back to the file's ids.
+    renumber the survivors to ``0..n-1`` again. Repeated ``(user, item)`` rows are dropped
+    with a logged warning (the earliest is kept), so no pair can be both a training input and
+    a held-out target; every user left has training items. Item titles come from a
+    ``movies.dat`` next to the file when there is one. ``extras["raw_user_ids"]`` /
+    ``extras["raw_item_ids"]`` map the final ids back to the file's ids.
 
     Args:
         path: the ratings file.
@@ -91,8 +98,9 @@ def load_ratings(
         The :class:`InteractionData`.
 
     Raises:
-        DataError: missing file, malformed line (file, line number and content), or no user
-            left after filtering and splitting.
+        DataError: missing file, malformed line (file, line number and content: a wrong
+            field count, a non-integer, negative or beyond-int64 id, a rating that is not a
+            finite number), or no user left after filtering and splitting.
     """
     path = Path(path)
     table = read_ratings_table(path, file_format)
@@ -113,6 +121,12 @@ def load_ratings(
         raise DataError(
             f"{path}: no user has enough positive interactions to give each of train / valid / "
             f"test at least one item with ratios {tuple(ratios)}"
+        )
+    if split.n_dropped_duplicates:
+        logger.warning(
+            "%s: %d repeated (user, item) row(s) dropped, the earliest of each pair kept",
+            path,
+            split.n_dropped_duplicates,
         )
     item_titles = None
     movies_file = find_movies_file(path, allow_raw_ml1m_sibling=False)
@@ -180,6 +194,8 @@ def read_ratings_table(path: Path, file_format: Optional[str] = None) -> Ratings
 def _read_numeric_table(path: Path, text: str, file_format: str) -> RatingsTable:
     """``ratings.dat`` / ``u.data``: four numeric fields per line, no header."""
     separator = "::" if file_format == "movielens" else "\t"
+    if separator == "::" and "\t" in text:  # the tab-separated parse below would accept it
+        _raise_first_bad_numeric_line(path, text, separator)
     tab_separated = text.replace("::", "\t") if separator == "::" else text
     try:
         rows = np.loadtxt(
@@ -192,7 +208,7 @@ def _read_numeric_table(path: Path, text: str, file_format: str) -> RatingsTable
     except ValueError:
         _raise_first_bad_numeric_line(path, text, separator)
         raise  # _raise_first_bad_numeric_line always raises; kept for type checkers
-    if rows["user"].min() < 0 or rows["item"].min() < 0:
+    if rows["user"].min() < 0 or rows["item"].min() < 0 or not np.isfinite(rows["rating"]).all():
         _raise_first_bad_numeric_line(path, text, separator)
     return RatingsTable(
         users=rows["user"],
@@ -208,22 +224,30 @@ def _raise_first_bad_numeric_line(path: Path, text: str, separator: str) -> None
     shown_separator = "::" if separator == "::" else "<tab>"
     expected = shown_separator.join(("user", "item", "rating", "timestamp"))
     for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.strip("\r\n").split(separator)
-        problem = None
-        if len(fields) != 4:
-            problem = f"expected 4 fields '{expected}', got {len(fields)}"
-        else:
-            try:
-                user, item, _, _ = int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
-                if user < 0 or item < 0:
-                    problem = "negative user or item id"
-            except ValueError:
-                problem = f"expected integer ids, a numeric rating and an integer timestamp ('{expected}')"
+        problem = _numeric_line_problem(line, separator, expected) if line.strip() else None
         if problem:
             raise DataError(f"{path}: line {line_number}: {problem}: {line[:200]!r}")
     raise DataError(f"{path}: cannot parse the file as '{expected}' lines")
+
+
+def _numeric_line_problem(line: str, separator: str, expected: str) -> Optional[str]:
+    """What is wrong with one line of a headerless numeric file, or ``None``."""
+    if separator == "::" and "\t" in line:
+        return f"a tab in a '::'-separated line (expected '{expected}')"
+    fields = line.strip("\r\n").split(separator)
+    if len(fields) != 4:
+        return f"expected 4 fields '{expected}', got {len(fields)}"
+    try:
+        user, item, rating, timestamp = int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
+    except ValueError:
+        return f"expected integer ids, a numeric rating and an integer timestamp ('{expected}')"
+    if user < 0 or item < 0:
+        return "negative user or item id"
+    if max(user, item, abs(timestamp)) > _INT64_MAX:
+        return "user id, item id or timestamp beyond the int64 range"
+    if not math.isfinite(rating):
+        return "the rating is not a finite number"
+    return None
 
 
 def _read_csv_table(path: Path, text: str) -> RatingsTable:
@@ -246,27 +270,22 @@ def _read_csv_table(path: Path, text: str) -> RatingsTable:
             header = fields
             columns = _header_columns(path, header)
             continue
+        line = delimiter.join(fields)
         if len(fields) != len(header):
             raise DataError(
                 f"{path}: line {line_number}: expected {len(header)} fields "
-                f"({delimiter.join(header)!r}), got {len(fields)}: {delimiter.join(fields)[:200]!r}"
+                f"({delimiter.join(header)!r}), got {len(fields)}: {line[:200]!r}"
             )
         user, item = fields[columns["user"]].strip(), fields[columns["item"]].strip()
         if not user or not item:
-            raise DataError(
-                f"{path}: line {line_number}: empty user or item id: {delimiter.join(fields)[:200]!r}"
-            )
+            raise DataError(f"{path}: line {line_number}: empty user or item id: {line[:200]!r}")
+        if _is_negative_integer(user) or _is_negative_integer(item):
+            raise DataError(f"{path}: line {line_number}: negative user or item id: {line[:200]!r}")
         users.append(user)
         items.append(item)
         for column, values in (("rating", ratings), ("timestamp", timestamps)):
             if column in columns:
-                try:
-                    values.append(float(fields[columns[column]]))
-                except ValueError:
-                    raise DataError(
-                        f"{path}: line {line_number}: the {column} is not a number: "
-                        f"{delimiter.join(fields)[:200]!r}"
-                    ) from None
+                values.append(_finite_number(path, line_number, column, fields[columns[column]], line))
     if not users:
         raise DataError(f"{path}: no data lines after the header")
     return RatingsTable(
@@ -294,11 +313,27 @@ def _header_columns(path: Path, header: list[str]) -> dict[str, int]:
     return columns
 
 
+def _finite_number(path: Path, line_number: int, column: str, field: str, line: str) -> float:
+    """``field`` (the ``column`` of a CSV line) as a finite float, else a DataError showing the line."""
+    try:
+        value = float(field)
+    except ValueError:
+        raise DataError(f"{path}: line {line_number}: the {column} is not a number: {line[:200]!r}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}: line {line_number}: the {column} is not a finite number: {line[:200]!r}")
+    return value
+
+
+def _is_negative_integer(text: str) -> bool:
+    """Whether an id reads as a negative integer (e.g. ``-1``, a common "unknown" marker)."""
+    return text.startswith("-") and text[1:].isdigit()
+
+
 def _ids_array(ids: list[str]) -> np.ndarray:
-    """int64 ids when every id is an integer, else the strings."""
+    """int64 ids when every id is an integer that fits, else the strings (ids are labels)."""
     try:
         return np.asarray([int(i) for i in ids], dtype=np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):
         return np.asarray(ids, dtype=str)
 
 

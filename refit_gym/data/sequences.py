@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from refit_gym.data.checks import SHOWN_EXAMPLES, rows_shared_with
 from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
 from refit_gym.data.safe_pickle import load_builtin_pickle
 from refit_gym.data.titles import find_movies_file, read_movielens_titles, titles_in_order
@@ -31,12 +32,16 @@ def load_sequences(path: Union[str, os.PathLike], name: Optional[str] = None) ->
     **Item ids are shifted by -1**: the file numbers items ``1..n_items`` and keeps 0 for
     padding; the result numbers them ``0..n_items-1`` (``n_items = len(smap)``, or the
     largest id when ``smap`` is absent). Padding zeros inside lists are removed.
-    ``train_sequences`` keeps each history's order (repeats included); the ``train`` matrix
-    is binary. Titles: for ML-1M (file or folder name containing ``ml-1m``), a
-    ``movies.dat`` next to the file or in a sibling ``movielens-1m_raw_partial/`` folder is
-    used when every raw id in ``smap`` has a title; a ``movies.dat`` next to any other
-    dataset is used too (ids without a title get ``"item <raw id>"``).
-    ``extras["raw_item_ids"]`` holds the raw id of each item when ``smap`` is present.
+    ``train_sequences`` keeps each history's order (repeats included: a history may revisit an
+    item); the ``train`` matrix is binary. Every user needs a training item, and a user's
+    ``val`` / ``test`` items may not occur in their ``train`` history (that would leak the
+    answer into the model's input) nor in each other.
+
+    Titles: for ML-1M (file or folder name containing ``ml-1m``), a ``movies.dat`` next to the
+    file or in a sibling ``movielens-1m_raw_partial/`` folder is used when every raw id in
+    ``smap`` has a title; a ``movies.dat`` next to any other dataset is used too (ids without
+    a title get ``"item <raw id>"``). ``extras["raw_item_ids"]`` holds the raw id of each item
+    when ``smap`` is present.
 
     Args:
         path: the ``dataset.pkl`` file, or the folder holding it.
@@ -47,7 +52,9 @@ def load_sequences(path: Union[str, os.PathLike], name: Optional[str] = None) ->
 
     Raises:
         DataError: missing file, a pickle referencing a class, missing keys, wrong key /
-            value types, users not numbered ``0..n-1``, item ids out of range, empty split.
+            value types, users not numbered ``0..n-1``, item ids out of range, empty split, a
+            user without training items, an item both in a user's history and held out (or
+            in both ``val`` and ``test``).
     """
     path = Path(path)
     if path.is_dir():
@@ -85,6 +92,8 @@ def load_sequences(path: Union[str, os.PathLike], name: Optional[str] = None) ->
                 f"{path}: '{key}' holds item id {bad}, outside 1..{n_items} "
                 f"(ids are 1-based, 0 is padding, n_items = len(smap))"
             )
+    _check_every_user_has_training_items(path, splits["train"][0], n_users)
+    _check_disjoint(path, splits)
     shifted = {key: (users, items - 1) for key, (users, items) in splits.items()}
 
     raw_item_ids = None
@@ -155,6 +164,37 @@ def _flatten(path: Path, key: str, lists: list[list]) -> tuple[np.ndarray, np.nd
         raise DataError(f"{path}: '{key}' holds an item id too large for int64 ({error})") from error
     not_padding = items != PADDING_ITEM
     return users[not_padding], items[not_padding]
+
+
+def _check_every_user_has_training_items(path: Path, train_users: np.ndarray, n_users: int) -> None:
+    """Raise when a user's training history is empty (or only padding)."""
+    without_items = np.flatnonzero(np.bincount(train_users, minlength=n_users) == 0)
+    if len(without_items):
+        raise DataError(
+            f"{path}: {len(without_items)} user(s) have no training item (only padding or an "
+            f"empty list), e.g. 'train'[{int(without_items[0])}] (users: "
+            f"{without_items[:SHOWN_EXAMPLES].tolist()}); every user needs a training history"
+        )
+
+
+def _check_disjoint(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Raise when a user's 'val' / 'test' item is also in their 'train' history, or in both."""
+    pairs = {key: np.stack(split, axis=1) for key, split in splits.items()}
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = rows_shared_with(pairs[second], pairs[first])
+        if not len(shared):
+            continue
+        user, item = pairs[second][shared[0]].tolist()
+        why = (
+            "a held-out item that is also a training input leaks the answer"
+            if first == "train"
+            else "a test item that is also a valid item can never count (ranking for test masks "
+            "valid items)"
+        )
+        raise DataError(
+            f"{path}: user {user}'s '{second}' item {item} is also in '{first}'[{user}]: {why}; "
+            f"{len(shared)} such pair(s), the splits must be disjoint"
+        )
 
 
 def _titles(path: Path, raw_item_ids: Optional[np.ndarray]) -> Optional[tuple[str, ...]]:
