@@ -26,6 +26,15 @@ from refit_gym.rewards.functional import held_out_mass, masked_log_softmax, scor
 from refit_gym.rewards.likelihood import HeldOutLogLikelihood
 
 
+SEES = {
+    "a": "only the reward of its actions (a black-box function of the final state)",
+    "b": "the reward plus its own probabilities (the reward is importance-weighted by the policy's probability)",
+    "c": "the exact gradient of the objective (the reward is differentiated, or its gradient is computed in closed form)",
+}
+"""What an agent may see, as the project labels it: (a) reward only, (b) reward + own probabilities,
+(c) the exact objective's gradient. An agent that combines terms is labelled by the most it sees."""
+
+
 class Agent:
     """Base class of the fine-tuning algorithms.
 
@@ -37,6 +46,8 @@ class Agent:
     """
 
     name = "base"
+    sees = "a"
+    """What the agent may see (:data:`SEES`); :meth:`information` refines it from the config."""
     collects_rollouts = True
     """Whether :meth:`update` collects stochastic rollouts (``supervised`` does not)."""
 
@@ -50,6 +61,11 @@ class Agent:
         self.optimizer = torch.optim.Adam(
             [p for p in policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
         )
+
+    @classmethod
+    def information(cls, config: FinetuneConfig) -> str:
+        """``"a"``, ``"b"`` or ``"c"`` (:data:`SEES`): what this agent sees with ``config``."""
+        return cls.sees
 
     # ------------------------------------------------------------------ the loop body
     def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:

@@ -17,15 +17,19 @@ from refit_gym.config import ExperimentConfig, resolve_device
 from refit_gym.data import load_dataset
 from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 
-TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+TABLE_CUTOFFS = ("@10", "@20")
 
 
-def results_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A markdown table: one row per model, valid and test columns for :data:`TABLE_METRICS`."""
-    header = ["model"] + [f"{split} {metric}" for split in ("valid", "test") for metric in TABLE_METRICS]
+def results_table(rows: dict[str, dict[str, dict[str, float]]], splits: tuple[str, ...] = ("valid", "test")) -> str:
+    """A markdown table: one row per model, a column per split and metric at the cut-offs :data:`TABLE_CUTOFFS`
+    (recall / ndcg for the ``cf`` protocol, hr / ndcg for ``sequential``)."""
+    first = next(iter(rows.values()))[splits[0]]
+    shown = sorted((m for m in first if m.endswith(TABLE_CUTOFFS) and not m.startswith(("precision", "mrr"))),
+                   key=lambda m: (int(m.split("@")[1]), m))
+    header = ["model"] + [f"{split} {metric}" for split in splits for metric in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, metrics in rows.items():
-        cells = [f"{metrics[split][metric]:.4f}" for split in ("valid", "test") for metric in TABLE_METRICS]
+        cells = [f"{metrics[split][metric]:.4f}" for split in splits for metric in shown]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -36,12 +40,17 @@ def run_main_job(
     pretrained: Optional[str | Path] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report_test: bool = False,
 ) -> dict[str, Any]:
-    """Pretrain (unless ``pretrained`` is given) -> fine-tune (when configured) -> evaluate.
+    """Pretrain (unless ``pretrained`` is given) -> fine-tune -> evaluate, next to the baselines
+    that use the same information (popularity, EASE, recency-weighted EASE).
 
-    Returns the results mapping also written to ``output_dir/results.json``.
+    Every model is selected on validation; with ``report_test`` each final model is evaluated on
+    test once, at the end (the table gains test columns). Returns the results mapping also
+    written to ``output_dir/results.json``.
     """
     from refit_gym.baselines import PopularityRecommender, tune_ease
+    from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
     from refit_gym.training.pretrain import pretrain
 
     output = Path(output_dir)
@@ -58,23 +67,29 @@ def run_main_job(
 
     protocol = protocol_from_config(config.evaluation, model)
 
-    def evaluate_both(recommender) -> dict[str, dict[str, float]]:
-        return evaluate(recommender, data, splits=("valid", "test"), ks=config.evaluation.ks, protocol=protocol,
+    splits = ("valid", "test") if report_test else ("valid",)
+
+    def evaluate_final(recommender) -> dict[str, dict[str, float]]:
+        return evaluate(recommender, data, splits=splits, ks=config.evaluation.ks, protocol=protocol,
                         batch_size=config.evaluation.batch_size, device=device).metrics
 
     rows: dict[str, dict[str, dict[str, float]]] = {}
-    rows["popularity"] = evaluate_both(PopularityRecommender().fit(data.train))
-    ease = tune_ease(data)
-    rows[f"EASE (l2={ease.best_l2:g}, tuned on valid)"] = evaluate_both(ease.model)
-    rows[f"{config.model.name} pretrained"] = evaluate_both(model)
+    rows["popularity"] = evaluate_final(PopularityRecommender().fit(data.train))
+    if protocol.name == "cf":
+        ease = tune_ease(data)
+        rows[f"EASE (l2={ease.best_l2:g}, tuned on valid)"] = evaluate_final(ease.model)
+        recency = tune_ease(data, w_min_grid=DEFAULT_W_MIN_GRID)
+        rows[f"recency-weighted EASE (l2={recency.best_l2:g}, w_min={recency.best_w_min:g}, tuned on valid)"] = (
+            evaluate_final(recency.model))
+    rows[f"{config.model.name} pretrained"] = evaluate_final(model)
 
     from agents.trainer import finetune
 
     finetuned_dir = output / "finetuned"
     result = finetune(config, data, pretrained, finetuned_dir, progress=progress, log=log)
-    rows[f"{config.model.name} + {config.finetune['agent']} fine-tuned"] = result.best_metrics
+    rows[f"{config.model.name} + {config.finetune['agent']} fine-tuned"] = evaluate_final(result.model)
 
-    table = results_table(rows)
+    table = results_table(rows, splits)
     log("\n" + table)
     results = {
         "config": config.to_dict(),

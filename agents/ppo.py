@@ -23,7 +23,10 @@ MINIBATCHES = 4
 
 
 class PPOAgent(Agent):
+    """Sees (a): the env's reward of its rollouts (plus its own log-probs, as every PPO)."""
+
     name = "ppo"
+    sees = "a"
 
     def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
         rollout = self.collect(users, rng, generator)

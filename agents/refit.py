@@ -30,7 +30,15 @@ from agents.rollout import Rollout, group_advantages
 
 
 class RefitAgent(Agent):
+    """Sees (c) when its likelihood term is on (the exact gradient of the held-out
+    log-likelihood), else (a): the policy-gradient term sees only the reward of its rollouts."""
+
     name = "refit"
+    sees = "c"
+
+    @classmethod
+    def information(cls, config) -> str:
+        return "c" if config.likelihood_weight > 0 else "a"
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         config = self.config

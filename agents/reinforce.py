@@ -31,7 +31,17 @@ from refit_gym.rewards.functional import masked_log_softmax, scored_items
 
 
 class ReinforceAgent(Agent):
+    """Sees (a) with the Gaussian steps alone or with the categorical ``hit`` reward (the reward
+    of its actions), (b) with the categorical ``importance`` reward: ``1[a held out] / (p(a) |H|)``
+    divides by the policy's own probability, and its expected score-function gradient *is* the
+    supervised log-likelihood gradient -- a sampled supervised gradient, not RL on a reward."""
+
     name = "reinforce"
+    sees = "a"
+
+    @classmethod
+    def information(cls, config) -> str:
+        return "b" if config.categorical_samples > 0 and config.categorical_reward == "importance" else "a"
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         config, zero = self.config, torch.zeros((), device=rollout.states.device)

@@ -229,7 +229,10 @@ def seeded_global_rngs(generator: torch.Generator):
 
 
 class SB3PPOAgent(Agent):
+    """Sees (a): the env's reward of its rollouts, through Stable-Baselines3's PPO."""
+
     name = "sb3-ppo"
+    sees = "a"
 
     def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig) -> None:
         classes = _classes()  # MissingExtraError naming the extra when stable-baselines3 is absent

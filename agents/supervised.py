@@ -17,7 +17,10 @@ from agents.rollout import Rollout
 
 
 class SupervisedAgent(Agent):
+    """Sees (c): the exact gradient of the held-out log-likelihood. Not reinforcement learning."""
+
     name = "supervised"
+    sees = "c"
     collects_rollouts = False
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:

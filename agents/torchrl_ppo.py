@@ -107,7 +107,10 @@ def seeded_global_rng(generator: torch.Generator):
 
 
 class TorchRLPPOAgent(Agent):
+    """Sees (a): the env's reward of its rollouts, through TorchRL's ``ClipPPOLoss``."""
+
     name = "torchrl-ppo"
+    sees = "a"
 
     def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig) -> None:
         super().__init__(policy, core, reference, config)

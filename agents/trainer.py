@@ -1,17 +1,19 @@
 """The fine-tuning trainer every agent uses: batches of users, updates, validation, checkpoints, resume.
 
 Loop: draw ``users_per_batch`` distinct users (epochs over a seeded permutation), ``agent.update``
-(collect + loss + step), and every ``eval_every`` updates evaluate the fine-tuned denoiser on the
-standard deterministic protocol (the full training row in, all T steps, train items masked) —
-validation selects, test is logged for the record only. The best-validation model is written as
+(collect + loss + step), and every ``eval_every`` updates evaluate the fine-tuned model on
+validation with its evaluation protocol (the deterministic chain from the full training history).
+Test is sealed: it is never computed during training; with ``report_test`` it is computed once,
+for the selected checkpoint, at the end (otherwise ``refit-gym evaluate`` computes it). The best-validation model is written as
 a standard checkpoint into the output folder (so ``refit-gym evaluate --checkpoint`` works on it
 unchanged); the trainer's own state (policy, optimiser, RNG states, counters) goes to
 ``output/trainer_state/`` at every evaluation, so ``resume=True`` continues an interrupted run
 to the same result as an uninterrupted one (same seed, CPU).
 
 Outputs: ``log.csv`` (one row per update; validation columns on evaluation rows), ``curves.png``
-(reward, held-out mass, validation Recall@20), ``results.json`` (seed, versions, configs, the
-pretrained and best metrics).
+(reward, held-out mass, KL to the pretrained ranking, gradient norm, the validation metric),
+``results.json`` (seed, versions, configs, the pretrained and best validation metrics, and the
+best checkpoint's test metrics when they were asked for).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report_test: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the checkpoint ``pretrained`` with ``config.finetune`` (``agent`` / ``overrides`` win).
@@ -113,6 +116,8 @@ def finetune(
         output_dir: where the best fine-tuned checkpoint, logs and trainer state go.
         agent: overrides ``finetune.agent``.
         resume: continue from ``output_dir/trainer_state`` if it exists.
+        report_test: evaluate the selected checkpoint on test once, at the end
+            (``best_metrics["test"]``); otherwise test is never computed.
     """
     settings = finetune_config(config.finetune, **({"agent": agent} if agent else {}), **overrides)
     config.finetune = settings.to_dict()
@@ -130,8 +135,8 @@ def finetune(
     sampler = UserSampler(data.n_users, settings.users_per_batch)
     protocol = protocol_from_config(config.evaluation, finetuned)
 
-    def validate() -> dict[str, dict[str, float]]:
-        return evaluate(finetuned, data, splits=("valid", "test"), ks=config.evaluation.ks, protocol=protocol,
+    def validate(model=finetuned, split: str = "valid") -> dict[str, dict[str, float]]:
+        return evaluate(model, data, splits=(split,), ks=config.evaluation.ks, protocol=protocol,
                         batch_size=config.evaluation.batch_size, device=device).metrics
 
     state = {"update": 0, "best": -math.inf, "best_update": 0, "stale": 0, "elapsed": 0.0}
@@ -148,8 +153,7 @@ def finetune(
                         extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
         logger.log({"update": 0, **_flat(pretrained_metrics), "seconds": 0.0})
         _save_state(state_dir, learner, rng, generator, sampler, state, pretrained_metrics)
-    log(f"pretrained: valid {settings.select_metric} {pretrained_metrics['valid'][settings.select_metric]:.4f}, "
-        f"test recall@20 {pretrained_metrics['test']['recall@20']:.4f} ndcg@20 {pretrained_metrics['test']['ndcg@20']:.4f}")
+    log(f"pretrained: valid {settings.select_metric} {pretrained_metrics['valid'][settings.select_metric]:.4f}")
 
     start = time.perf_counter() - state["elapsed"]
     bar = tqdm(total=settings.max_updates, initial=state["update"], desc=f"finetune[{settings.agent}]",
@@ -192,11 +196,15 @@ def finetune(
     best_metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     log(f"fine-tuning stopped ({stop_reason}) after {state['update']} updates, {seconds:.0f} s; best valid "
         f"{settings.select_metric} {state['best']:.4f} at update {state['best_update']}")
+    if report_test:
+        best_metrics = {**best_metrics, **validate(best_model, "test")}
+        write_json_atomic(output / "metrics.json", _record(best_metrics, state["best_update"], config))
     plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
-                                        f"valid_{settings.select_metric}", "test_recall@20"],
+                                        f"valid_{settings.select_metric}"],
                 output / "curves.png", title=f"fine-tuning ({settings.agent})")
     write_json_atomic(output / "results.json", {
-        "agent": settings.agent, "seed": config.seed, "versions": package_versions(), "config": config.to_dict(),
+        "agent": settings.agent, "sees": agent_class(settings.agent).information(settings), "seed": config.seed,
+        "versions": package_versions(), "config": config.to_dict(),
         "env": core.config(), "pretrained_from": str(pretrained), "pretrained_metrics": pretrained_metrics,
         "best_metrics": best_metrics, "best_update": state["best_update"], "updates": state["update"],
         "seconds": seconds, "stop_reason": stop_reason,

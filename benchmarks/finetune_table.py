@@ -1,36 +1,39 @@
-"""Fine-tuning results table on ML-1M: the default ReFiT agent, the supervised reference, the
-controls of the fine-tuning issue and the pure policy-gradient agents, over seeds, next to the
-pretrained model and a tuned EASE; with paired tests over users.
+"""The ML-1M results table: honest baselines, base models over pretraining seeds, fine-tuned models over seeds.
 
-Runs (all from the same converged pretrained checkpoint; ``--updates`` updates each, or the run's
-own ``max_updates``, always capped by ``--budget`` seconds):
+Every row uses the same split and protocol (``diffrec_ml-1m_clean``, full ranking, train items
+masked for valid, train + valid for test). Rows:
 
-* ``refit``: the default config (likelihood + collaborative PG term + L2 anchor); ``refit_400``:
-  the same with 400 updates;
-* ``supervised``: (d) the likelihood term alone, by gradient, no rollouts;
-  ``supervised_400``: the same with 400 updates (``reinforce_categorical``'s update count);
-* ``continued``: (a) continued DiffRec training with its own loss (lr ``--continued-lr``);
-* ``ranking``: (b) the naive ranking reward (NDCG@20 of the held-out items) instead of the
-  collaborative one in the PG term;
-* ``no_collab``: (c) the collaborative PG term switched off (``pg_weight`` 0);
-* ``random_holdout``: (e) random instead of chronological hold-out;
-* ``reinforce``: pure policy gradient over Gaussian steps (reward: held-out log-likelihood);
-* ``ppo``: pure policy gradient with clipped ratios (DDPO-IS), same reward;
-* ``reinforce_categorical``: pure policy gradient through a categorical last step with the
-  importance-weighted hit reward (expected gradient = the log-likelihood's): 1,024 sampled
-  items per user, one rollout per user, 400 updates (an update costs about a third of
-  ``refit``'s, which collects 4 rollouts per user); ``reinforce_categorical_m64``: 64 samples,
-  4 rollouts per user, ``--updates``;
-* ``torchrl_ppo``: TorchRL's ``ClipPPOLoss``, same reward;
-* ``sb3_ppo``: Stable-Baselines3 PPO, same reward.
+* **baselines** (deterministic): popularity; EASE (l2 tuned on validation); **recency-weighted
+  EASE** (l2 and ``w_min`` tuned on validation) -- the baseline that uses time order, as the
+  fine-tuned models do (their ``recent`` hold-out and T-DiffRec's weights read the training
+  rows' order);
+* **base models**: for each ``--bases`` name (``configs/ml1m_<name>.yaml``: ``diffrec``,
+  ``tdiffrec``, ``cfdiff``) and each ``--pretrain-seeds`` seed, pretrained until it has
+  converged (selected on validation);
+* **fine-tuned models**: each ``--runs`` recipe (see :data:`RUNS`) from each pretrained
+  checkpoint, for each ``--finetune-seeds`` seed (``--updates`` updates, capped by ``--budget``
+  seconds), selected on validation.
 
-Every run writes its own folder under ``--output`` (skipped when its ``summary.json`` exists, so
-the script resumes; a summary written under a different spec of the same name is refused).
-``table.md`` and ``table.json`` collect everything, ``diagnostics.md`` the training diagnostics of
-each run's first seed. Usage::
+Test is sealed until the end: every unit selects on validation only, and test is computed once
+per selected model when the table is compiled. The unit of replication is the seed: a row's
+mean ± std is over its runs (pretraining seeds x fine-tuning seeds). Tests, each named in the
+table: a fine-tuned row against its pretrained base is a **paired t-test over pretraining
+seeds** (each seed's fine-tuned mean against the same seed's base); any row against a
+deterministic baseline (recency-weighted EASE) is a **one-sample t-test** of the seed values
+against the baseline's value; ``--compare A:B`` rows use **Welch's t-test** on seed values. The
+``sees`` column says what each agent may see: (a) only the reward of its actions, (b) the
+reward plus its own probabilities, (c) the exact objective's gradient.
 
-    REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --pretrained runs/ml1m_pretrained \\
-        --output runs/table --seeds 0 1 2 --budget 900 [--runs refit,supervised,continued]
+Every unit writes its own folder under ``--output`` and is skipped when its ``summary.json``
+exists (the script resumes; a unit whose spec changed is refused). Units of one stage run in
+``--workers`` processes (``cores / workers`` torch threads each). Usage::
+
+    REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --output runs/table \\
+        --bases diffrec,tdiffrec --pretrain-seeds 0 1 2 --runs refit,supervised --updates 400 \\
+        --workers 2 [--compare refit:supervised] [--set finetune.lr=3e-4] [--base-set cfdiff:model.attention_dropout=0]
+
+It writes ``table.md`` (with the command), ``table.json`` (every seed's metrics, the tests) and
+``diagnostics.md`` (training diagnostics of each recipe's first run).
 """
 
 from __future__ import annotations
@@ -38,28 +41,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import multiprocessing
+import os
+import shlex
 import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import numpy as np
-import torch
 from scipy import stats
-
-from agents.trainer import finetune
-from refit_gym.baselines import tune_ease
-from refit_gym.checkpoint import load_checkpoint
-from refit_gym.config import load_config
-from refit_gym.data import load_dataset
-from refit_gym.evaluation.evaluator import evaluate
-from refit_gym.evaluation.metrics import ranking_metrics
-from refit_gym.runtime import tune_cpu_runtime
-from refit_gym.training.pretrain import pretrain
 
 PG_REWARD = {"loglik": {"weight": 1.0, "temperature": 0.1}}
 RUNS: dict[str, dict[str, Any]] = {
     "refit": {},
-    "refit_400": {"max_updates": 400},
     "supervised": {"agent": "supervised"},
     "continued": {"continued": True},
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
@@ -68,68 +65,184 @@ RUNS: dict[str, dict[str, Any]] = {
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
     "reinforce_categorical": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 1024,
-                              "rollouts_per_user": 1, "max_updates": 400},
-    "reinforce_categorical_m64": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 64},
-    "supervised_400": {"agent": "supervised", "max_updates": 400},
+                              "rollouts_per_user": 1},
     "torchrl_ppo": {"agent": "torchrl-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
     "sb3_ppo": {"agent": "sb3-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
 }
+"""Fine-tuning recipes: overrides of the config's ``finetune`` section (``continued``: control
+(a), continued pretraining with the model's own loss from the checkpoint, at ``--continued-lr``)."""
+
 SHOWN = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+TESTED = ("recall@20", "ndcg@20")
 
 
-def per_user_test_metrics(model, data) -> dict[str, np.ndarray]:
-    """Per-user test Recall@20 / NDCG@20 (for paired tests)."""
-    result = evaluate(model, data, splits=("test",), ks=(20,), export_topk=20)
-    top = torch.from_numpy(result.top_items["test"])
-    values = ranking_metrics(top, data.test, ks=(20,))
-    return {k: values[k].cpu().numpy() for k in ("recall@20", "ndcg@20")}
+# ---------------------------------------------------------------------------------- units
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
-def run_one(name: str, seed: int, args, config_path: str, data, output: Path) -> dict:
-    folder = output / f"{name}-s{seed}"
-    if (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
-        if name in RUNS and "spec" in summary and summary["spec"] != json.loads(json.dumps(RUNS[name])):
-            raise SystemExit(f"{folder} was run with spec {summary['spec']}, but {name!r} is now {RUNS[name]}: "
-                             "move the folder away or use another --output")
-        return summary
-    spec = dict(RUNS[name])
-    config = load_config(config_path, {"device": "cpu", "seed": seed})
-    if spec.pop("continued", False):
-        config.pretrain.lr = args.continued_lr
-        config.pretrain.time_budget_s = args.budget
-        config.pretrain.max_lr_decays = 0
-        config.pretrain.plateau_patience = 10**6
-        config.pretrain.min_epochs = 0
-        config.pretrain.max_epochs = args.continued_epochs
-        result = pretrain(config, data, output_dir=folder, progress=False, init_from=args.pretrained)
-        metrics, seconds = result.best_metrics, result.seconds
-    else:
-        config.finetune = {**config.finetune, "time_budget_s": args.budget, "eval_every": args.eval_every,
-                           "max_updates": args.updates, **spec}
-        result = finetune(config, data, args.pretrained, folder, progress=False)
-        metrics, seconds = result.best_metrics, result.seconds
-    model, _ = load_checkpoint(folder, data)
-    users = per_user_test_metrics(model, data)
-    np.savez(folder / "per_user_test.npz", **users)
-    summary = {"name": name, "seed": seed, "spec": RUNS[name], "metrics": metrics, "seconds": seconds}
+def _config(base: str, seed: int, sets: list[str]):
+    from refit_gym.cli import parse_overrides
+    from refit_gym.config import load_config
+
+    return load_config(Path("configs") / f"ml1m_{base}.yaml", {"device": "cpu", "seed": seed, **parse_overrides(sets)})
+
+
+def _summary(folder: Path, spec: dict) -> Optional[dict]:
+    path = folder / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("spec") != json.loads(json.dumps(spec)):
+        raise SystemExit(f"{folder} was run with {summary.get('spec')}, now asked for {spec}: move it away or use "
+                         "another --output")
+    return summary
+
+
+def pretrain_unit(spec: dict) -> dict:
+    """Pretrain one base model with one seed (validation only)."""
+    from refit_gym.data import load_dataset
+    from refit_gym.training.pretrain import pretrain
+
+    folder = Path(spec["folder"])
+    done = _summary(folder, spec)
+    if done:
+        return done
+    config = _config(spec["base"], spec["seed"], spec["sets"])
+    data = load_dataset(config.data.dataset)
+    result = pretrain(config, data, output_dir=folder, progress=False, log=lambda _: None)
+    summary = {"spec": spec, "valid": result.best_metrics["valid"], "seconds": result.seconds,
+               "seconds_to_best": result.seconds_to_best, "best_epoch": result.best_epoch, "epochs": result.epochs_run}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Paired t-test and Wilcoxon signed-rank test of per-user values (a vs b); p = 1 for identical models."""
-    if np.array_equal(a, b):
-        return {"mean_diff": 0.0, "t_p": 1.0, "wilcoxon_p": 1.0}
-    t = stats.ttest_rel(a, b)
-    w = stats.wilcoxon(a, b, zero_method="zsplit")
-    return {"mean_diff": float(np.mean(a - b)), "t_p": float(t.pvalue), "wilcoxon_p": float(w.pvalue)}
+def finetune_unit(spec: dict) -> dict:
+    """Fine-tune one pretrained checkpoint with one recipe and one seed (validation only)."""
+    from agents import agent_class
+    from agents.config import finetune_config
+    from agents.trainer import finetune
+    from refit_gym.data import load_dataset
+    from refit_gym.training.pretrain import pretrain
+
+    folder = Path(spec["folder"])
+    done = _summary(folder, spec)
+    if done:
+        return done
+    recipe = dict(RUNS[spec["run"]])
+    config = _config(spec["base"], spec["seed"], spec["sets"])
+    data = load_dataset(config.data.dataset)
+    if recipe.pop("continued", False):
+        settings = config.pretrain
+        settings.lr, settings.time_budget_s, settings.max_lr_decays = spec["continued_lr"], spec["budget"], 0
+        settings.plateau_patience, settings.min_epochs, settings.max_epochs = 10**6, 0, spec["continued_epochs"]
+        result = pretrain(config, data, output_dir=folder, progress=False, log=lambda _: None,
+                          init_from=spec["pretrained"])
+        valid, seconds, sees = result.best_metrics["valid"], result.seconds, "c"
+    else:
+        config.finetune = {**config.finetune, "time_budget_s": spec["budget"], "eval_every": spec["eval_every"],
+                           "max_updates": spec["updates"], **recipe}
+        result = finetune(config, data, spec["pretrained"], folder, progress=False, log=lambda _: None)
+        valid, seconds = result.best_metrics["valid"], result.seconds
+        settings = finetune_config(config.finetune)
+        sees = agent_class(settings.agent).information(settings)
+    summary = {"spec": spec, "valid": valid, "seconds": seconds, "sees": sees}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
-def training_diagnostics(folder: Path, window: int = 10) -> dict[str, float] | None:
-    """From a fine-tuning run's ``log.csv``: the reward and the held-out probability mass as means
-    of the first and the last ``window`` updates (single updates are noisy), the lowest
-    validation Recall@20, and the median PPO clip fraction and approximate KL when logged."""
+def test_unit(spec: dict) -> dict:
+    """Test metrics of one selected checkpoint, computed once (cached in ``test.json``)."""
+    from refit_gym.checkpoint import load_checkpoint
+    from refit_gym.data import load_dataset
+    from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
+
+    folder = Path(spec["folder"])
+    path = folder / "test.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = _config(spec["base"], 0, spec["sets"])
+    data = load_dataset(config.data.dataset)
+    model, saved = load_checkpoint(folder, data)
+    result = evaluate(model, data, splits=("test",), ks=saved.evaluation.ks, batch_size=saved.evaluation.batch_size,
+                      protocol=protocol_from_config(saved.evaluation, model))
+    path.write_text(json.dumps(result.metrics["test"], indent=2))
+    return result.metrics["test"]
+
+
+def baselines(output: Path) -> dict[str, dict]:
+    """Popularity, EASE and recency-weighted EASE: tuned on validation, tested once (cached)."""
+    from refit_gym.baselines import PopularityRecommender, tune_ease
+    from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
+    from refit_gym.data import load_dataset
+    from refit_gym.evaluation.evaluator import evaluate
+
+    path = output / "baselines.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    data = load_dataset("diffrec_ml-1m_clean")
+    ease, recency = tune_ease(data), tune_ease(data, w_min_grid=DEFAULT_W_MIN_GRID)
+    rows = {
+        "popularity": (PopularityRecommender().fit(data.train), {}),
+        "EASE": (ease.model, {"l2": ease.best_l2}),
+        "recency-weighted EASE": (recency.model, {"l2": recency.best_l2, "w_min": recency.best_w_min}),
+    }
+    out = {}
+    for name, (model, chosen) in rows.items():
+        metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20, 50, 100)).metrics
+        out[name] = {"chosen_on_valid": chosen, **metrics}
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def run_stage(function, specs: list[dict], workers: int, threads: int) -> list[dict]:
+    if workers <= 1 or len(specs) <= 1:
+        _threads(threads)
+        return [function(spec) for spec in specs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_threads, initargs=(threads,)) as pool:
+        return list(pool.map(function, specs))
+
+
+# ---------------------------------------------------------------------------------- statistics
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+
+def signed(p: float, difference: float) -> str:
+    """``+p`` / ``-p``: the direction of the mean difference and the test's two-sided p."""
+    if math.isnan(p):
+        return "n/a"
+    return f"{'+' if difference > 0 else '-' if difference < 0 else '='}{p:.1e}"
+
+
+def one_sample(values: list[float], reference: float) -> tuple[float, float]:
+    """``(mean difference, p)`` of a one-sample t-test of ``values`` against a deterministic ``reference``."""
+    if len(values) < 2:
+        return statistics.mean(values) - reference, float("nan")
+    return statistics.mean(values) - reference, float(stats.ttest_1samp(values, reference).pvalue)
+
+
+def paired_by_seed(tuned: dict[int, list[float]], base: dict[int, float]) -> tuple[float, float]:
+    """Paired t over pretraining seeds: each seed's mean fine-tuned value against that seed's base."""
+    seeds = sorted(tuned)
+    differences = [statistics.mean(tuned[s]) - base[s] for s in seeds]
+    if len(seeds) < 2:
+        return differences[0], float("nan")
+    return statistics.mean(differences), float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    if len(a) < 2 or len(b) < 2:
+        return statistics.mean(a) - statistics.mean(b), float("nan")
+    return statistics.mean(a) - statistics.mean(b), float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def training_diagnostics(folder: Path, window: int = 10) -> Optional[dict[str, float]]:
+    """Means of the first and last ``window`` updates of reward and held-out mass, the lowest
+    validation Recall@20, and the median PPO clip fraction / approximate KL when logged."""
     log = folder / "log.csv"
     if not log.is_file():
         return None
@@ -152,97 +265,139 @@ def training_diagnostics(folder: Path, window: int = 10) -> dict[str, float] | N
     return out
 
 
-def signed_p(tests: list[dict[str, float]]) -> str:
-    """The largest paired-t p over seeds, signed by the direction of the difference: ``+`` better
-    or identical in every seed, ``-`` worse or identical, ``+-`` mixed, ``=`` identical in all."""
-    diffs = [t["mean_diff"] for t in tests]
-    sign = ("=" if all(d == 0 for d in diffs) else "+" if all(d >= 0 for d in diffs) else "-" if all(d <= 0 for d in diffs)
-            else "+-")
-    return f"{sign}{max(t['t_p'] for t in tests):.1e}"
-
-
+# ---------------------------------------------------------------------------------- the table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/ml1m_diffrec.yaml")
-    parser.add_argument("--pretrained", required=True, help="the converged pretrained checkpoint")
-    parser.add_argument("--output", default="runs/finetune_table")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock cap per run (seconds)")
-    parser.add_argument("--updates", type=int, default=2000, help="update budget per fine-tuning run (fair on a shared machine)")
-    parser.add_argument("--continued-epochs", type=int, default=10**6, help="epoch budget of control (a)")
+    parser.add_argument("--output", default="runs/table")
+    parser.add_argument("--bases", default="diffrec,tdiffrec", help="comma-separated: configs/ml1m_<name>.yaml")
+    parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--runs", default="refit,supervised", help=f"comma-separated, from {list(RUNS)}")
+    parser.add_argument("--updates", type=int, default=400, help="update budget per fine-tuning run")
+    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock cap per fine-tuning run (seconds)")
     parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--continued-epochs", type=int, default=120, help="epoch budget of control (a)")
     parser.add_argument("--continued-lr", type=float, default=1e-4)
-    parser.add_argument("--runs", default="refit,supervised,continued", help=f"comma-separated, from {list(RUNS)}")
-    parser.add_argument("--single-seed-runs", default="", help="runs done with the first seed only")
-    parser.add_argument("--compile-only", action="store_true", help="train nothing: tabulate the finished runs in --output")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                        help="override a config field of every base (e.g. finetune.lr=3e-4)")
+    parser.add_argument("--base-set", action="append", default=[], metavar="BASE:KEY=VALUE",
+                        help="override a config field of one base (e.g. cfdiff:model.attention_dropout=0)")
+    parser.add_argument("--compare", action="append", default=[], metavar="RUN_A:RUN_B",
+                        help="Welch's t of two recipes' seed values, per base")
+    parser.add_argument("--workers", type=int, default=1, help="units run in parallel processes")
+    parser.add_argument("--compile-only", action="store_true", help="train nothing; tabulate what is finished")
     args = parser.parse_args()
-    tune_cpu_runtime()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    config = load_config(args.config)
-    data = load_dataset(config.data.dataset)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    bases = [b for b in args.bases.split(",") if b]
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; known: {list(RUNS)}")
+    base_sets = {b: list(args.sets) + [s.split(":", 1)[1] for s in args.base_set if s.split(":", 1)[0] == b]
+                 for b in bases}
 
-    reference_file = output / "reference.json"
-    if reference_file.is_file():
-        reference = json.loads(reference_file.read_text())
-    else:
-        pretrained_model, _ = load_checkpoint(args.pretrained, data)
-        ease = tune_ease(data)
-        reference = {
-            "pretrained": evaluate(pretrained_model, data, ks=(10, 20)).metrics,
-            "ease": evaluate(ease.model, data, ks=(10, 20)).metrics,
-            "ease_l2": ease.best_l2,
-        }
-        np.savez(output / "pretrained_per_user.npz", **per_user_test_metrics(pretrained_model, data))
-        np.savez(output / "ease_per_user.npz", **per_user_test_metrics(ease.model, data))
-        reference_file.write_text(json.dumps(reference, indent=2))
-    base_users = dict(np.load(output / "pretrained_per_user.npz"))
-    ease_users = dict(np.load(output / "ease_per_user.npz"))
-
-    plan = [(name, seed) for name in args.runs.split(",") if name for seed in args.seeds]
-    plan += [(name, args.seeds[0]) for name in args.single_seed_runs.split(",") if name]
-    summaries: dict[str, list[dict]] = {}
+    started = time.perf_counter()
+    reference = baselines(output)
+    pretrain_specs = [{"base": b, "seed": s, "sets": base_sets[b], "folder": str(output / "pretrain" / f"{b}-p{s}")}
+                      for b in bases for s in args.pretrain_seeds]
+    finetune_specs = [{"base": b, "seed": f, "pretrain_seed": s, "run": r, "sets": base_sets[b],
+                       "pretrained": str(output / "pretrain" / f"{b}-p{s}"), "updates": args.updates,
+                       "budget": args.budget, "eval_every": args.eval_every, "continued_lr": args.continued_lr,
+                       "continued_epochs": args.continued_epochs,
+                       "folder": str(output / "finetune" / f"{b}-p{s}-{r}-f{f}")}
+                      for b in bases for s in args.pretrain_seeds for r in runs for f in args.finetune_seeds]
     if args.compile_only:
-        plan = [(name, seed) for name, seed in plan if (output / f"{name}-s{seed}" / "summary.json").is_file()]
-    for name, seed in plan:
-        print(f"== {name} seed {seed}", flush=True)
-        summaries.setdefault(name, []).append(run_one(name, seed, args, args.config, data, output))
+        pretrain_specs = [s for s in pretrain_specs if (Path(s["folder"]) / "summary.json").is_file()]
+        finetune_specs = [s for s in finetune_specs if (Path(s["folder"]) / "summary.json").is_file()]
+    pretrained = run_stage(pretrain_unit, pretrain_specs, args.workers, threads)
+    finetuned = run_stage(finetune_unit, finetune_specs, args.workers, threads)
+    tests = run_stage(test_unit, pretrain_specs + finetune_specs, args.workers, threads)
+    for summary, test in zip(pretrained + finetuned, tests):
+        summary["test"] = test
 
-    lines = ["| model | seeds | " + " | ".join(f"valid {m}" for m in SHOWN) + " | " + " | ".join(f"test {m}" for m in SHOWN)
-             + " | test R@20 / N@20 vs pretrained: sign, paired t p (max over seeds) | vs EASE |", "|" + "---|" * (2 + 2 * len(SHOWN) + 2)]
-    for label, metrics in (("pretrained DiffRec", reference["pretrained"]), (f"EASE (l2={reference['ease_l2']:g})", reference["ease"])):
-        cells = [f"{metrics[s][m]:.4f}" for s in ("valid", "test") for m in SHOWN]
-        lines.append(f"| {label} | - | " + " | ".join(cells) + " | | |")
-    table: dict[str, Any] = {"reference": reference, "runs": {}}
-    diagnostics = ["| model (first seed) | reward, mean of first → last 10 updates | held-out mass, same | "
-                   "lowest valid R@20 | median clip fraction / approx KL |", "|---|---|---|---|---|"]
-    for name, runs in summaries.items():
-        cells = []
-        for split in ("valid", "test"):
-            for metric in SHOWN:
-                values = [r["metrics"][split][metric] for r in runs]
-                spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-                cells.append(f"{statistics.mean(values):.4f}{spread}")
-        tests = []
-        for r in runs:
-            users = dict(np.load(output / f"{name}-s{r['seed']}" / "per_user_test.npz"))
-            tests.append({"vs_pretrained": {m: paired(users[m], base_users[m]) for m in users},
-                          "vs_ease": {m: paired(users[m], ease_users[m]) for m in users}})
-        p_cells = [" / ".join(signed_p([t[against][m] for t in tests]) for m in ("recall@20", "ndcg@20"))
-                   for against in ("vs_pretrained", "vs_ease")]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " | " + " | ".join(p_cells) + " |")
-        training = training_diagnostics(output / f"{name}-s{runs[0]['seed']}")
-        table["runs"][name] = {"runs": runs, "paired_tests": tests, "training_first_seed": training}
-        if training:
-            kl = f"{training['median_clip_fraction']:.2f} / {training['median_approx_kl']:.0e}" if "median_clip_fraction" in training else ""
-            diagnostics.append(
-                f"| {name} | {training['reward/total_first']:.2f} → {training['reward/total_last']:.2f} | "
-                f"{training['held_out_mass_first']:.3f} → {training['held_out_mass_last']:.3f} | "
-                f"{training['lowest_valid_recall@20']:.4f} | {kl} |")
-    (output / "table.md").write_text("\n".join(lines) + "\n")
+    # ---- rows
+    header = ("| model | sees | runs | valid R@20 | valid N@20 | " + " | ".join(f"test {m}" for m in SHOWN)
+              + " | vs its pretrained base: paired t over pretraining seeds, R@20 / N@20 "
+              "| vs recency-weighted EASE: one-sample t, R@20 / N@20 |")
+    lines = [header, "|" + "---|" * 9]
+    recency = reference["recency-weighted EASE"]["test"]
+    for name, metrics in reference.items():
+        chosen = ", ".join(f"{k} {v:g}" for k, v in metrics["chosen_on_valid"].items())
+        label = f"{name} ({chosen}, on valid)" if chosen else name
+        cells = [f"{metrics['valid'][m]:.4f}" for m in ("recall@20", "ndcg@20")]
+        cells += [f"{metrics['test'][m]:.4f}" for m in SHOWN]
+        lines.append(f"| {label} | - | - | " + " | ".join(cells) + " | | |")
+    table: dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in sys.argv), "baselines": reference,
+                             "rows": {}}
+
+    def row(label: str, sees: str, summaries: list[dict], base_by_seed: Optional[dict] = None) -> None:
+        cells = [mean_std([s["valid"][m] for s in summaries]) for m in ("recall@20", "ndcg@20")]
+        cells += [mean_std([s["test"][m] for s in summaries]) for m in SHOWN]
+        against_base, against_recency = [], []
+        for metric in TESTED:
+            values = [s["test"][metric] for s in summaries]
+            if base_by_seed is not None:
+                by_seed: dict[int, list[float]] = {}
+                for s in summaries:
+                    by_seed.setdefault(s["spec"]["pretrain_seed"], []).append(s["test"][metric])
+                against_base.append(signed(*reversed(paired_by_seed(by_seed, {k: v[metric] for k, v in
+                                                                               base_by_seed.items()}))))
+            against_recency.append(signed(*reversed(one_sample(values, recency[metric]))))
+        lines.append(f"| {label} | {sees} | {len(summaries)} | " + " | ".join(cells) + " | "
+                     + (" / ".join(against_base) if against_base else "") + " | " + " / ".join(against_recency) + " |")
+        table["rows"][label] = {"sees": sees, "runs": summaries}
+
+    diagnostics = ["| recipe (first run) | reward, mean of first → last 10 updates | held-out mass, same | "
+                   "lowest valid R@20 | median clip fraction / approx KL | seconds |", "|---|---|---|---|---|---|"]
+    comparisons = ["| base | A | B | test R@20: A - B, Welch's t p | test N@20: A - B, Welch's t p |",
+                   "|---|---|---|---|---|"]
+    for base in bases:
+        base_runs = [s for s in pretrained if s["spec"]["base"] == base]
+        if not base_runs:
+            continue
+        row(f"{base} pretrained", "-", base_runs)
+        base_by_seed = {s["spec"]["seed"]: s["test"] for s in base_runs}
+        by_recipe: dict[str, list[dict]] = {}
+        for summary in finetuned:
+            if summary["spec"]["base"] == base:
+                by_recipe.setdefault(summary["spec"]["run"], []).append(summary)
+        for recipe, summaries in by_recipe.items():
+            row(f"{base} + {recipe}", summaries[0]["sees"], summaries, base_by_seed)
+            first = summaries[0]
+            training = training_diagnostics(Path(first["spec"]["folder"]))
+            if training:
+                kl = (f"{training['median_clip_fraction']:.2f} / {training['median_approx_kl']:.0e}"
+                      if "median_clip_fraction" in training else "")
+                diagnostics.append(
+                    f"| {base} + {recipe} | {training['reward/total_first']:.2f} → {training['reward/total_last']:.2f} | "
+                    f"{training['held_out_mass_first']:.3f} → {training['held_out_mass_last']:.3f} | "
+                    f"{training['lowest_valid_recall@20']:.4f} | {kl} | {first['seconds']:.0f} |")
+        for pair in args.compare:
+            a, _, b = pair.partition(":")
+            if a in by_recipe and b in by_recipe:
+                cells = []
+                for metric in TESTED:
+                    difference, p = welch([s["test"][metric] for s in by_recipe[a]],
+                                          [s["test"][metric] for s in by_recipe[b]])
+                    cells.append(f"{difference:+.4f}, p {p:.1e}")
+                comparisons.append(f"| {base} | {a} | {b} | " + " | ".join(cells) + " |")
+    seconds = [(f"{s['spec']['base']}-p{s['spec']['seed']}", s["seconds"], s["seconds_to_best"]) for s in pretrained]
+    timing = ["| pretrained model | seconds | seconds to the best epoch |", "|---|---|---|"]
+    timing += [f"| {name} | {total:.0f} | {best:.0f} |" for name, total, best in seconds]
+    text = ["Command: `" + table["command"] + "`", "", *lines, "",
+            "Mean ± std over runs (pretraining seeds x fine-tuning seeds); p-values signed by the direction "
+            "of the mean difference.", ""]
+    if len(comparisons) > 2:
+        text += [*comparisons, ""]
+    text += [*timing, ""]
+    (output / "table.md").write_text("\n".join(text) + "\n")
     (output / "diagnostics.md").write_text("\n".join(diagnostics) + "\n")
+    table["pretrained"], table["finetuned"] = pretrained, finetuned
+    table["seconds"] = time.perf_counter() - started
     (output / "table.json").write_text(json.dumps(table, indent=2))
-    print("\n".join(lines))
+    print("\n".join(text))
 
 
 if __name__ == "__main__":

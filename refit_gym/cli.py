@@ -42,15 +42,21 @@ def _parse_value(text: str) -> Any:
         raise ConfigError(f"--set value {text!r} is {error}") from None
 
 
-def _experiment(args) -> Any:
-    from refit_gym.config import load_config
-
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["finetune.lr=3e-5", ...]`` -> ``{"finetune.lr": 3e-5}`` (values read as YAML)."""
     overrides = {}
-    for item in getattr(args, "overrides", []):
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (e.g. finetune.lr=3e-5), got {item!r}")
         overrides[key.strip()] = _parse_value(value)
+    return overrides
+
+
+def _experiment(args) -> Any:
+    from refit_gym.config import load_config
+
+    overrides = parse_overrides(getattr(args, "overrides", []))
     if getattr(args, "seed", None) is not None:
         overrides["seed"] = args.seed
     if getattr(args, "data", None):
@@ -77,7 +83,8 @@ def cmd_pretrain(args) -> int:
 
     config = _experiment(args)
     data = _load_data(config.data.dataset, config.data.data_dir)
-    result = pretrain(config, data, output_dir=args.output, progress=not args.no_progress, log=_log)
+    result = pretrain(config, data, output_dir=args.output, progress=not args.no_progress, log=_log,
+                      report_test=args.report_test)
     _log(f"best checkpoint (epoch {result.best_epoch}) in {args.output}")
     _print_metrics({"best_epoch": result.best_epoch, **{f"{s}/{k}": v for s, m in result.best_metrics.items() for k, v in m.items()}})
     return 0
@@ -105,18 +112,26 @@ def cmd_evaluate(args) -> int:
 
 def cmd_baseline(args) -> int:
     from refit_gym.baselines import build_baseline, tune_ease
+    from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
     from refit_gym.evaluation.evaluator import evaluate
 
     config = _experiment(args)
     data = _load_data(config.data.dataset, config.data.data_dir)
     extra: dict[str, Any] = {}
-    if args.name == "ease" and args.l2 is None:
-        tuning = tune_ease(data, progress=not args.no_progress)
+    recency = args.name == "ease-recency"
+    if args.name.startswith("ease") and (args.l2 is None or (recency and args.w_min is None)):
+        l2_grid = None if args.l2 is None else (args.l2,)
+        w_grid = None if not recency else (None if args.w_min is None else (args.w_min,))
+        tuning = tune_ease(data, **({"l2_grid": l2_grid} if l2_grid else {}),
+                           w_min_grid=(w_grid or DEFAULT_W_MIN_GRID) if recency else None, progress=not args.no_progress)
         recommender = tuning.model
-        extra = {"ease_l2": tuning.best_l2}
-        _log(f"EASE: l2 = {tuning.best_l2} chosen on validation recall@20 ({tuning.best_score:.4f})")
+        extra = {"ease_l2": tuning.best_l2, **({"w_min": tuning.best_w_min} if recency else {})}
+        chosen = f"l2 = {tuning.best_l2:g}" + (f", w_min = {tuning.best_w_min:g}" if recency else "")
+        _log(f"{args.name}: {chosen} chosen on validation recall@20 ({tuning.best_score:.4f})")
     else:
-        kwargs = {"l2": args.l2} if args.name == "ease" else {}
+        kwargs = {"l2": args.l2} if args.name.startswith("ease") else {}
+        if recency:
+            kwargs["w_min"] = args.w_min
         recommender = build_baseline(args.name, **kwargs).fit(data.train)
     result = evaluate(recommender, data, splits=(args.split,), ks=config.evaluation.ks,
                       batch_size=config.evaluation.batch_size, export_topk=args.k if args.export_topk else None)
@@ -134,7 +149,7 @@ def cmd_finetune(args) -> int:
     data = _load_data(config.data.dataset, config.data.data_dir)
     pretrained = args.pretrained or pretrained_checkpoint(config, data, progress=not args.no_progress, log=_log)
     result = finetune(config, data, pretrained, args.output, agent=args.agent, resume=args.resume,
-                      progress=not args.no_progress, log=_log)
+                      progress=not args.no_progress, log=_log, report_test=args.report_test)
     _log(f"best fine-tuned checkpoint (update {result.best_update}) in {args.output}")
     _print_metrics({"best_update": result.best_update,
                     **{f"{s}/{k}": v for s, m in result.best_metrics.items() for k, v in m.items()}})
@@ -145,7 +160,8 @@ def cmd_run(args) -> int:
     from agents.pipeline import run_main_job
 
     config = _experiment(args)
-    run_main_job(config, args.output, pretrained=args.pretrained, progress=not args.no_progress, log=_log)
+    run_main_job(config, args.output, pretrained=args.pretrained, progress=not args.no_progress, log=_log,
+                 report_test=args.report_test)
     _log(f"results in {args.output}/results.json and results.md")
     return 0
 
@@ -184,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the config's, or auto)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    report_test = "evaluate the selected checkpoint on test once, at the end (test is sealed otherwise)"
     p = commands.add_parser("pretrain", help="train a base diffusion recommender until it converges")
     common(p)
     p.add_argument("--output", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--report-test", action="store_true", help=report_test)
     p.set_defaults(handler=cmd_pretrain)
 
     p = commands.add_parser("evaluate", help="evaluate a checkpoint; prints a metrics JSON on stdout")
@@ -198,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=100, help="k for --export-topk (default 100)")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = commands.add_parser("baseline", help="fit and evaluate a simple baseline (popularity, EASE)")
-    p.add_argument("name", choices=("popularity", "ease"))
+    p = commands.add_parser("baseline", help="fit and evaluate a simple baseline (popularity, EASE, recency-weighted EASE)")
+    p.add_argument("name", choices=("popularity", "ease", "ease-recency"))
     common(p)
     p.add_argument("--split", choices=("valid", "test"), required=True)
     p.add_argument("--l2", type=float, help="EASE's l2; default: tuned on validation recall@20")
+    p.add_argument("--w-min", type=float, dest="w_min",
+                   help="ease-recency: weight of a user's oldest item (the newest gets 1); default: tuned on validation")
     p.add_argument("--export-topk", metavar="FILE.npy")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--seed", type=int)
@@ -215,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", help="refit (default), supervised, reinforce, ppo, torchrl-ppo, sb3-ppo")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    p.add_argument("--report-test", action="store_true", help=report_test)
     p.set_defaults(handler=cmd_finetune)
 
     p = commands.add_parser("run", help="the main job: pretrain -> fine-tune -> evaluate, next to baselines")
@@ -222,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory (one sub-folder per stage)")
     p.add_argument("--pretrained", help="skip pretraining: start from this checkpoint directory")
     p.add_argument("--seed", type=int)
+    p.add_argument("--report-test", action="store_true",
+                   help="add test columns, computed once for each final model (test is sealed otherwise)")
     p.set_defaults(handler=cmd_run)
 
     p = commands.add_parser("download", help="download a public dataset (needs internet)")

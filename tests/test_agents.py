@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents import AGENTS
+from agents import AGENTS, agent_class
 from agents.config import finetune_config
 from agents.rollout import collect_rollouts, group_advantages
 from agents.trainer import finetune
@@ -118,6 +118,12 @@ def test_finetuned_checkpoint_loads_and_evaluates_like_the_run(tiny_data, tiny_p
     model, _ = load_checkpoint(tmp_path / "ft", tiny_data)
     metrics = evaluate(model, tiny_data, splits=("valid", "test"), ks=(10, 20)).metrics
     assert metrics["valid"]["recall@20"] == pytest.approx(result.best_metrics["valid"]["recall@20"], abs=1e-7)
+    assert "test" not in result.best_metrics  # sealed: never computed during the run
+    log_columns = (tmp_path / "ft" / "log.csv").read_text().splitlines()[0].split(",")
+    assert not any(column.startswith("test") for column in log_columns)
+    reported = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "ft2", progress=False,
+                        log=lambda _: None, report_test=True)
+    assert reported.best_metrics["test"]["recall@20"] == pytest.approx(metrics["test"]["recall@20"], abs=1e-7)
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["seed"] == 0 and results["agent"] == "refit" and "torch" in results["versions"]
     assert (tmp_path / "ft" / "log.csv").is_file() and (tmp_path / "ft" / "curves.png").is_file()
@@ -174,3 +180,18 @@ def test_log_prob_of_the_mean_is_the_density_at_the_mean(tiny_data, tiny_pretrai
     agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce", log_prob_reduction=reduction)
     loc = torch.randn(3, tiny_data.n_items)
     torch.testing.assert_close(agent.policy.log_prob(loc, loc), agent.policy.log_prob_of_mean(tiny_data.n_items).expand(3))
+
+
+def test_every_agent_says_what_it_sees():
+    from agents.base import SEES
+    from agents.config import finetune_config
+
+    expected = {"refit": "c", "supervised": "c", "reinforce": "a", "ppo": "a", "torchrl-ppo": "a", "sb3-ppo": "a"}
+    for name, label in expected.items():
+        assert agent_class(name).information(finetune_config({"agent": name})) == label, name
+    assert set(expected.values()) <= set(SEES)
+    importance = finetune_config({"agent": "reinforce", "categorical_samples": 64, "pg_weight": 0.0})
+    assert agent_class("reinforce").information(importance) == "b"  # a sampled supervised gradient
+    hit = finetune_config({"agent": "reinforce", "categorical_samples": 64, "categorical_reward": "hit"})
+    assert agent_class("reinforce").information(hit) == "a"
+    assert agent_class("refit").information(finetune_config({"likelihood_weight": 0.0})) == "a"

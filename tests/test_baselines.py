@@ -10,6 +10,7 @@ import torch
 from refit_gym.baselines import (
     EASERecommender,
     PopularityRecommender,
+    RecencyEASERecommender,
     build_baseline,
     tune_ease,
 )
@@ -81,15 +82,44 @@ def test_tune_ease_selects_on_validation():
     data = structured_data(seed=1)
     grid = (1.0, 10.0, 100.0, 10000.0)
     tuning = tune_ease(data, l2_grid=grid, metric="ndcg@10")
-    assert list(tuning.scores) == list(grid)
+    assert list(tuning.scores) == [(l2, None) for l2 in grid]
     assert tuning.best_score == max(tuning.scores.values())
-    assert tuning.scores[tuning.best_l2] == tuning.best_score
+    assert tuning.scores[(tuning.best_l2, None)] == tuning.best_score and tuning.best_w_min is None
     assert tuning.model.l2 == tuning.best_l2
     refit = EASERecommender(l2=tuning.best_l2).fit(data.train)
     torch.testing.assert_close(tuning.model.weights, refit.weights)
     valid = evaluate(tuning.model, data, splits="valid", ks=(10,)).metrics["valid"]["ndcg@10"]
     assert valid == pytest.approx(tuning.best_score, abs=1e-12)
     assert tuning.to_dict()["best_l2"] == tuning.best_l2
+
+
+def test_recency_ease_scores_the_recency_weighted_row():
+    data = structured_data(seed=2)
+    model = RecencyEASERecommender(l2=20.0, w_min=0.25).fit(data.train)
+    histories = SequenceTable(data.train_sequences, data.n_items)
+    scores = model.score(histories.batch(np.arange(data.n_users))).numpy()
+    weights = model.weights.numpy()
+    for user in range(0, data.n_users, 17):
+        items = data.train_sequences[user]
+        row = np.zeros(data.n_items, dtype=np.float32)
+        row[items] = np.linspace(0.25, 1.0, len(items))
+        np.testing.assert_allclose(scores[user], row @ weights, rtol=1e-5, atol=1e-6)
+    plain = EASERecommender(l2=20.0).fit(data.train).score(histories.batch(np.arange(5)))
+    flat = RecencyEASERecommender(l2=20.0, w_min=1.0).fit(data.train).score(histories.batch(np.arange(5)))
+    torch.testing.assert_close(flat, plain)  # w_min = 1 is plain EASE
+
+
+def test_tune_recency_ease_selects_l2_and_w_min_on_validation():
+    data = structured_data(seed=3)
+    tuning = tune_ease(data, l2_grid=(10.0, 100.0), w_min_grid=(0.0, 0.5, 1.0))
+    assert list(tuning.scores) == [(l2, w) for l2 in (10.0, 100.0) for w in (0.0, 0.5, 1.0)]
+    best = max(tuning.scores, key=tuning.scores.get)
+    assert (tuning.best_l2, tuning.best_w_min) == best and isinstance(tuning.model, RecencyEASERecommender)
+    assert (tuning.model.l2, tuning.model.w_min) == best
+    valid = evaluate(tuning.model, data, splits="valid", ks=(20,)).metrics["valid"]["recall@20"]
+    assert valid == pytest.approx(tuning.best_score, abs=1e-12)
+    with pytest.raises(ConfigError, match="w_min"):
+        tune_ease(data, w_min_grid=(1.5,))
 
 
 def test_bad_inputs_raise_library_errors():

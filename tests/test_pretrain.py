@@ -60,9 +60,27 @@ def test_pretraining_writes_a_checkpoint_log_and_metrics(trained):
 def test_checkpoint_round_trip_reproduces_the_metrics(data, trained):
     result, output, _ = trained
     model, config = load_checkpoint(output, data)
-    metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20)).metrics
+    metrics = evaluate(model, data, splits=("valid",), ks=(10, 20)).metrics
     assert metrics["valid"]["recall@20"] == pytest.approx(result.best_metrics["valid"]["recall@20"], abs=1e-7)
-    assert metrics["test"]["ndcg@20"] == pytest.approx(result.best_metrics["test"]["ndcg@20"], abs=1e-7)
+
+
+def test_test_is_sealed_unless_reported_once_at_the_end(data, trained, tmp_path, monkeypatch):
+    from refit_gym.training import pretrain as pretrain_module
+
+    result, output, config = trained
+    assert set(result.best_metrics) == {"valid"}
+    assert set(json.loads((output / "metrics.json").read_text())["metrics"]) == {"valid"}
+    assert not any(column.startswith("test") for column in (output / "log.csv").read_text().splitlines()[0].split(","))
+    calls = []
+    real = pretrain_module.evaluate
+    monkeypatch.setattr(pretrain_module, "evaluate", lambda *a, **k: calls.append(k["splits"]) or real(*a, **k))
+    short = config_from_dict({**SMALL, "pretrain": {**SMALL["pretrain"], "max_epochs": 10, "min_epochs": 10}})
+    reported = pretrain(short, data, output_dir=tmp_path, progress=False, log=lambda _: None, report_test=True)
+    assert calls.count(("test",)) == 1 and calls[-1] == ("test",) and all(c == ("valid",) for c in calls[:-1])
+    model, _ = load_checkpoint(tmp_path, data)
+    test = evaluate(model, data, splits=("test",), ks=SMALL["evaluation"]["ks"]).metrics["test"]
+    assert reported.best_metrics["test"]["ndcg@20"] == pytest.approx(test["ndcg@20"], abs=1e-7)
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["test"] == reported.best_metrics["test"]
 
 
 def test_same_seed_same_pretraining(data):

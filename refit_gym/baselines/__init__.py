@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from refit_gym.baselines.ease import EASERecommender, EASETuning, tune_ease
+from refit_gym.baselines.ease import EASERecommender, EASETuning, RecencyEASERecommender, tune_ease
 from refit_gym.baselines.popularity import PopularityRecommender
 from refit_gym.errors import NotFittedError
 from refit_gym.errors import ConfigError
 
-BASELINES = {"popularity": PopularityRecommender, "ease": EASERecommender}
+BASELINES = {"popularity": PopularityRecommender, "ease": EASERecommender, "ease-recency": RecencyEASERecommender}
 
 
 def build_baseline(name: str, **kwargs):
-    """An unfitted baseline by name (``"popularity"``, ``"ease"``).
+    """An unfitted baseline by name (``"popularity"``, ``"ease"``, ``"ease-recency"``).
 
     ``kwargs`` go to its constructor (e.g. ``build_baseline("ease", l2=500.0)``).
     """
@@ -33,6 +33,7 @@ __all__ = [
     "EASETuning",
     "NotFittedError",
     "PopularityRecommender",
+    "RecencyEASERecommender",
     "build_baseline",
     "tune_ease",
 ]

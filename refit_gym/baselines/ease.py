@@ -132,25 +132,62 @@ class EASERecommender:
         return rows @ weights
 
 
+class RecencyEASERecommender(EASERecommender):
+    """EASE scored on a recency-weighted input row: the baseline that uses time order.
+
+    The weights ``B`` are EASE's, fitted on the binary training matrix; a user's input row holds
+    ``linspace(w_min, 1, n)`` over the user's ``n`` visible history items in time order (the
+    oldest gets ``w_min``, the most recent 1; T-DiffRec's weighting) instead of 1s. Any model that
+    reads the training rows' order (T-DiffRec, the ``recent`` hold-out of fine-tuning) must be
+    compared with this, not only with order-blind EASE. ``w_min = 1`` is plain EASE.
+
+    Args:
+        l2: EASE's ridge penalty.
+        w_min: weight of the oldest history item, in ``[0, 1]``.
+    """
+
+    name = "ease-recency"
+
+    def __init__(self, l2: float = 500.0, w_min: float = 0.1, max_items: int = DEFAULT_MAX_ITEMS,
+                 device: Union[str, torch.device] = "cpu") -> None:
+        super().__init__(l2, max_items=max_items, device=device)
+        self.w_min = _check_w_min(w_min)
+
+    def input_rows(self, history: HistoryBatch) -> torch.Tensor:
+        return history.rows(history.recency_weights(self.w_min, 1.0))
+
+
+def _check_w_min(w_min: float) -> float:
+    if isinstance(w_min, bool) or not isinstance(w_min, (int, float, np.number)) or not 0.0 <= w_min <= 1.0:
+        raise ConfigError(f"w_min must be a number in [0, 1], got {w_min!r}")
+    return float(w_min)
+
+
 @dataclass
 class EASETuning:
-    """The result of :func:`tune_ease`: the λ with the best ``metric`` on ``split``."""
+    """The result of :func:`tune_ease`: the (λ, w_min) with the best ``metric`` on ``split``."""
 
     best_l2: float
     best_score: float
     metric: str
     split: str
-    scores: dict[float, float]  # λ -> score on ``split``, in grid order
+    scores: dict[tuple, float]  # (λ, w_min or None) -> score on ``split``, in grid order
     model: EASERecommender = field(repr=False)
+    best_w_min: Optional[float] = None
 
     def to_dict(self) -> dict:
         return {
             "best_l2": self.best_l2,
+            "best_w_min": self.best_w_min,
             "best_score": self.best_score,
             "metric": self.metric,
             "split": self.split,
-            "scores": {str(l2): score for l2, score in self.scores.items()},
+            "scores": {f"l2={l2:g}" + ("" if w is None else f",w_min={w:g}"): score
+                       for (l2, w), score in self.scores.items()},
         }
+
+
+DEFAULT_W_MIN_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
 
 
 def tune_ease(
@@ -159,6 +196,7 @@ def tune_ease(
     split: str = "valid",
     metric: str = "recall@20",
     *,
+    w_min_grid: Optional[Iterable[float]] = None,
     batch_size: int = 1024,
     max_items: int = DEFAULT_MAX_ITEMS,
     device: Union[str, torch.device] = "cpu",
@@ -166,7 +204,9 @@ def tune_ease(
 ) -> EASETuning:
     """Fit EASE on ``data.train`` for every λ of ``l2_grid``; keep the best on validation.
 
-    Only the validation split may select λ (``split="test"`` raises :class:`ConfigError`).
+    With ``w_min_grid`` the model is :class:`RecencyEASERecommender` and every ``(λ, w_min)`` pair
+    is tried (``w_min`` only changes the input rows, so each λ is fitted once).
+    Only the validation split may select (``split="test"`` raises :class:`ConfigError`).
     ``XᵀX`` is computed once; ties keep the earlier grid point. Returns the fitted best model.
     """
     from refit_gym.evaluation.evaluator import evaluate
@@ -178,6 +218,9 @@ def tune_ease(
     grid = [_check_l2(l2) for l2 in l2_grid]
     if not grid:
         raise ConfigError("l2_grid is empty")
+    w_grid = [None] if w_min_grid is None else [_check_w_min(w) for w in w_min_grid]
+    if not w_grid:
+        raise ConfigError("w_min_grid is empty")
     name, _, cutoff = str(metric).partition("@")
     if not cutoff.isdigit() or int(cutoff) < 1 or metric not in metric_names((int(cutoff),)):
         raise ConfigError(
@@ -187,9 +230,12 @@ def tune_ease(
 
     binary = _check_train(data.train, max_items)
     gram = gram_matrix(binary)
-    model = EASERecommender(grid[0], max_items=max_items, device=device)
-    scores: dict[float, float] = {}
-    best_l2, best_score, best_weights = None, -math.inf, None
+    if w_min_grid is None:
+        model: EASERecommender = EASERecommender(grid[0], max_items=max_items, device=device)
+    else:
+        model = RecencyEASERecommender(grid[0], w_grid[0], max_items=max_items, device=device)
+    scores: dict[tuple, float] = {}
+    best, best_score, best_weights = (None, None), -math.inf, None
     iterator = grid
     if progress:
         from tqdm.auto import tqdm
@@ -198,18 +244,22 @@ def tune_ease(
     for l2 in iterator:
         model.l2 = l2
         model._set(binary, ease_weights(gram, l2))
-        result = evaluate(model, data, splits=(split,), ks=ks, batch_size=batch_size)
-        score = result.metrics[split][metric]
-        scores[l2] = score
-        if score > best_score:
-            best_l2, best_score, best_weights = l2, score, model.weights
-    model.l2 = best_l2
-    model.weights = best_weights
+        for w_min in w_grid:
+            if w_min is not None:
+                model.w_min = w_min
+            score = evaluate(model, data, splits=(split,), ks=ks, batch_size=batch_size).metrics[split][metric]
+            scores[(l2, w_min)] = score
+            if score > best_score:
+                best, best_score, best_weights = (l2, w_min), score, model.weights
+    model.l2, model.weights = best[0], best_weights
+    if best[1] is not None:
+        model.w_min = best[1]
     return EASETuning(
-        best_l2=best_l2,
+        best_l2=best[0],
         best_score=best_score,
         metric=metric,
         split=split,
         scores=scores,
         model=model,
+        best_w_min=best[1],
     )

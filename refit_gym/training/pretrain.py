@@ -7,8 +7,10 @@ a new best, the weights go back to the best checkpoint and the learning rate is 
 ``lr_decay``; after ``max_lr_decays`` decays the next plateau stops training. Validation
 Recall@20 on ML-1M is noisy (about +-0.001), so a plateau is judged against the best score seen,
 never against the last one; ``min_epochs`` keeps an early lucky evaluation from ending the run.
-Test metrics come from the same chain as validation (both start from the training row) and are
-logged for the record, never used to select anything.
+
+The test split is sealed: training evaluates validation only (logs, curves, selection); test is
+computed once, for the selected checkpoint, by ``refit-gym evaluate`` or at the end of the run
+when ``report_test`` is asked for explicitly.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def pretrain(
     progress: bool = True,
     log: Callable[[str], None] = print,
     init_from: Optional[str | Path] = None,
+    report_test: bool = False,
 ) -> PretrainResult:
     """Train ``config.model`` on ``data``'s training interactions; keep the best-validation weights.
 
@@ -72,6 +75,8 @@ def pretrain(
         log: where one-line messages go.
         init_from: start from this checkpoint's weights instead of a fresh init (continued
             training: fine-tuning's control (a)).
+        report_test: evaluate the selected checkpoint on test once, at the end (the result's
+            ``best_metrics["test"]``); otherwise test is never computed.
     """
     settings = config.pretrain
     device = resolve_device(config.device)
@@ -86,8 +91,8 @@ def pretrain(
     table = SequenceTable(data.train_sequences, data.n_items, device)
     protocol = protocol_from_config(config.evaluation, model)
 
-    def validate() -> dict[str, dict[str, float]]:
-        return evaluate(model, data, splits=("valid", "test"), ks=config.evaluation.ks,
+    def validate(split: str = "valid") -> dict[str, dict[str, float]]:
+        return evaluate(model, data, splits=(split,), ks=config.evaluation.ks,
                         batch_size=config.evaluation.batch_size, device=device, protocol=protocol).metrics
 
     output = Path(output_dir) if output_dir is not None else None
@@ -129,7 +134,6 @@ def pretrain(
             metrics = validate()
             valid = metrics["valid"][settings.select_metric]
             row.update({f"valid_{k}": v for k, v in metrics["valid"].items() if k.endswith(("@10", "@20"))})
-            row.update({f"test_{k}": v for k, v in metrics["test"].items() if k.endswith(("@10", "@20"))})
             if valid > best_valid + settings.min_delta:
                 best_valid, best_epoch, best_metrics = valid, epoch, metrics
                 best_state = copy.deepcopy(model.state_dict())
@@ -163,8 +167,10 @@ def pretrain(
     model.eval()
     log(f"pretraining done: best valid {settings.select_metric} {best_valid:.4f} at epoch {best_epoch} "
         f"({epoch} epochs, {seconds:.0f} s; best reached after {seconds_to_best:.0f} s)")
+    if report_test:
+        best_metrics = {**best_metrics, **validate("test")}
     if output is not None:
-        plot_curves(history, "epoch", ["train_loss", f"valid_{settings.select_metric}", f"test_{settings.select_metric}"],
+        plot_curves(history, "epoch", ["train_loss", f"valid_{settings.select_metric}"],
                     output / "curves.png", title=f"pretraining {config.name}")
         record = _record(best_metrics, best_epoch, config)
         record.update({"epochs_run": epoch, "seconds": seconds, "seconds_to_best": seconds_to_best})
