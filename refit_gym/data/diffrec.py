@@ -34,8 +34,12 @@ def load_diffrec_split(folder: Union[str, os.PathLike], name: Optional[str] = No
     train defines it: every user id and every item id from 0 to its maximum must occur in
     ``train_list.npy`` (DiffRec conditions on each user's training row; a hole in the
     numbering is usually a file that was not renumbered, or a corrupt id). ``train_sequences``
-    keep the row order of ``train_list.npy`` within each user (DiffRec writes each user's items
-    chronologically). An ``item_emb.npy`` (L-DiffRec) is ignored.
+    keep the row order of ``train_list.npy`` within each user, which is chronological up to
+    ties on ML-1M (Kendall tau with time about 0.96, measured by aligning it with the
+    time-ordered DiffuRec ML-1M sequences): "most recent" training items are the last rows, so
+    any model or reward that reads this order is recency-aware. The released ML-1M split's
+    periods are ordered train -> **test** -> **valid** (not train -> valid -> test): validation,
+    which selects models, is later in time than test. An ``item_emb.npy`` (L-DiffRec) is ignored.
 
     A pair repeated within one file is dropped (the first row is kept) with a logged warning.
     A pair in two files (train and valid, train and test, or valid and test) is an error:
