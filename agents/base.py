@@ -21,6 +21,7 @@ from agents.policy import DenoisingPolicy
 from agents.rollout import Rollout, collect_rollouts
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.policies import denoiser_action
+from refit_gym.errors import TrainingError
 from refit_gym.models.base import BaseModel
 from refit_gym.rewards.functional import held_out_mass, masked_log_softmax, scored_items
 from refit_gym.rewards.likelihood import HeldOutLogLikelihood
@@ -67,6 +68,14 @@ class Agent:
         """``"a"``, ``"b"`` or ``"c"`` (:data:`SEES`): what this agent sees with ``config``."""
         return cls.sees
 
+    def counters(self) -> dict[str, int]:
+        """Counters of the agent's own that a resumed run must restore (beside the policy,
+        optimiser and RNG states the trainer saves); none by default."""
+        return {}
+
+    def restore_counters(self, counters: dict[str, int]) -> None:
+        """Restore what :meth:`counters` returned."""
+
     # ------------------------------------------------------------------ the loop body
     def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
         """One update on a batch of distinct ``users``; returns the loss terms and diagnostics."""
@@ -86,7 +95,13 @@ class Agent:
         raise NotImplementedError
 
     def step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, optimiser step; returns the gradient norm before clipping."""
+        """Backward, clip, optimiser step; returns the gradient norm before clipping.
+
+        Raises:
+            TrainingError: the loss is NaN or infinite (nothing is stepped: the weights stay finite).
+        """
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{self.name}: the loss became {float(loss)}; no step was taken")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parameters = [p for p in self.policy.parameters() if p.grad is not None]

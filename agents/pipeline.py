@@ -41,20 +41,28 @@ def run_main_job(
     progress: bool = True,
     log: Callable[[str], None] = print,
     report_test: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Pretrain (unless ``pretrained`` is given) -> fine-tune -> evaluate, next to the baselines
     that use the same information (popularity, EASE, recency-weighted EASE).
 
     Every model is selected on validation; with ``report_test`` each final model is evaluated on
-    test once, at the end (the table gains test columns). Returns the results mapping also
-    written to ``output_dir/results.json``.
+    test once, at the end (the table gains test columns). ``output_dir`` follows the run-folder
+    rules (:mod:`refit_gym.training.run_folder`): a folder holding a run is refused unless
+    ``resume`` (each stage continues where it stopped) or ``overwrite``. Returns the results
+    mapping also written to ``output_dir/results.json``.
     """
+    from agents.config import finetune_config
+    from refit_gym.training.run_folder import RunFolder, read_run
+
     from refit_gym.baselines import PopularityRecommender, tune_ease
     from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
     from refit_gym.training.pretrain import pretrain
 
+    finetune_config(config.finetune)  # a bad finetune section fails now, not after pretraining
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    run = RunFolder.claim(output, "run", {**config.to_dict(), "pretrained": str(pretrained)}, resume, overwrite)
     start = time.perf_counter()
     device = resolve_device(config.device)
     data = load_dataset(config.data.dataset, data_dir=config.data.data_dir)
@@ -62,7 +70,8 @@ def run_main_job(
 
     if pretrained is None:
         pretrained = output / "pretrained"
-        pretrain(config, data, output_dir=pretrained, progress=progress, log=log)
+        pretrain(config, data, output_dir=pretrained, progress=progress, log=log,
+                 resume=resume and read_run(pretrained) is not None)
     model, _ = load_checkpoint(pretrained, data, device=device)
 
     protocol = protocol_from_config(config.evaluation, model)
@@ -86,7 +95,8 @@ def run_main_job(
     from agents.trainer import finetune
 
     finetuned_dir = output / "finetuned"
-    result = finetune(config, data, pretrained, finetuned_dir, progress=progress, log=log)
+    result = finetune(config, data, pretrained, finetuned_dir, progress=progress, log=log,
+                      resume=resume and read_run(finetuned_dir) is not None)
     rows[f"{config.model.name} + {config.finetune['agent']} fine-tuned"] = evaluate_final(result.model)
 
     table = results_table(rows, splits)
@@ -103,4 +113,5 @@ def run_main_job(
     }
     write_json_atomic(output / "results.json", results)
     (output / "results.md").write_text(table + "\n")
+    run.finish(seconds=results["seconds"])
     return results

@@ -270,6 +270,13 @@ class SB3PPOAgent(Agent):
         self.recorder = classes["callback"]()
         assert self.model.policy.mlp_extractor.refit.model is policy.model
 
+    def counters(self) -> dict[str, int]:
+        """SB3's own step and update counters (logged by SB3; restored on resume)."""
+        return {"num_timesteps": int(self.model.num_timesteps), "n_updates": int(self.model._n_updates)}
+
+    def restore_counters(self, counters: dict[str, int]) -> None:
+        self.model.num_timesteps, self.model._n_updates = counters["num_timesteps"], counters["n_updates"]
+
     def _start_episodes(self, users: np.ndarray, rng: np.random.Generator):
         """Reset the shared core with the batch's users and run the untrained prefix with the mean action."""
         from refit_gym.envs.spaces import observation_to_numpy

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agents import agent_class, build_agent
@@ -41,7 +41,10 @@ from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 from refit_gym.models.base import BaseModel
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import TrainingInteractions
+from refit_gym.errors import TrainingError
+from refit_gym.training.run_folder import RunFolder
 from refit_gym.training.run_log import CsvLogger, plot_curves
+from refit_gym.training.state import load_snapshot, restore_rng, rng_tensors, save_snapshot
 
 STATE_DIR = "trainer_state"
 
@@ -105,6 +108,7 @@ def finetune(
     progress: bool = True,
     log: Callable[[str], None] = print,
     report_test: bool = False,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the checkpoint ``pretrained`` with ``config.finetune`` (``agent`` / ``overrides`` win).
@@ -115,18 +119,29 @@ def finetune(
         pretrained: a checkpoint directory (``refit-gym pretrain``'s output).
         output_dir: where the best fine-tuned checkpoint, logs and trainer state go.
         agent: overrides ``finetune.agent``.
-        resume: continue from ``output_dir/trainer_state`` if it exists.
+        resume: continue the run in ``output_dir`` from its last evaluation (same config and
+            agent, or a ``ConfigError`` naming the difference; a run killed at any moment resumes
+            to exactly the result of an uninterrupted one on the same machine and thread count).
         report_test: evaluate the selected checkpoint on test once, at the end
             (``best_metrics["test"]``); otherwise test is never computed.
+        overwrite: replace a run already in ``output_dir`` (without it, or ``resume``, such a
+            folder is refused before any work).
+
+    Raises:
+        ConfigError: a bad ``finetune`` section, or the folder rules above.
+        TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
     """
     settings = finetune_config(config.finetune, **({"agent": agent} if agent else {}), **overrides)
     config.finetune = settings.to_dict()
+    output = Path(output_dir)
+    run = RunFolder.claim(output, "finetune", {**config.to_dict(), "pretrained": str(pretrained)},
+                          resume=resume, overwrite=overwrite)
+    if run.finished:
+        return _finished_result(output, data, config, report_test, log)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
 
     base, _ = load_checkpoint(pretrained, data, device=device)
     learner = build_learner(settings, base, data, device)
@@ -140,10 +155,10 @@ def finetune(
                         batch_size=config.evaluation.batch_size, device=device).metrics
 
     state = {"update": 0, "best": -math.inf, "best_update": 0, "stale": 0, "elapsed": 0.0}
-    logger = CsvLogger(output / "log.csv", resume=resume)
-    state_dir = output / STATE_DIR
-    if resume and (state_dir / "state.json").is_file():
-        state, pretrained_metrics = _load_state(state_dir, learner, rng, generator, sampler)
+    snapshot = load_snapshot(output / STATE_DIR) if run.resumed else None
+    logger = CsvLogger(output / "log.csv", resume=snapshot is not None)
+    if snapshot is not None:
+        state, pretrained_metrics = _restore(snapshot, learner, rng, generator, sampler)
         logger.rows = [r for r in logger.rows if int(r["update"]) <= state["update"]]  # drop rows after the state
         log(f"resumed at update {state['update']} (best {state['best']:.4f} at update {state['best_update']})")
     else:
@@ -152,7 +167,7 @@ def finetune(
         save_checkpoint(output, finetuned, config, data, metrics=_record(pretrained_metrics, 0, config),
                         extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
         logger.log({"update": 0, **_flat(pretrained_metrics), "seconds": 0.0})
-        _save_state(state_dir, learner, rng, generator, sampler, state, pretrained_metrics)
+        _snapshot(output / STATE_DIR, learner, rng, generator, sampler, state, pretrained_metrics)
     log(f"pretrained: valid {settings.select_metric} {pretrained_metrics['valid'][settings.select_metric]:.4f}")
 
     start = time.perf_counter() - state["elapsed"]
@@ -164,7 +179,13 @@ def finetune(
             fraction = state["update"] / max(1, settings.max_updates - 1)
             policy.set_log_std(settings.log_std_init + fraction * (settings.log_std_final - settings.log_std_init))
         users = sampler.next(rng)
-        row = {"update": state["update"] + 1, **learner.update(users, rng, generator)}
+        try:
+            row = {"update": state["update"] + 1, **learner.update(users, rng, generator)}
+        except TrainingError as error:
+            raise _stopped(error, state, output) from None
+        bad = sorted(k for k, v in row.items() if k.startswith("loss") and not math.isfinite(v))
+        if bad:
+            raise _stopped(f"{', '.join(bad)} became {row[bad[0]]}", state, output)
         state["update"] += 1
         elapsed = time.perf_counter() - start
         out_of_time = settings.time_budget_s is not None and elapsed > settings.time_budget_s
@@ -180,7 +201,7 @@ def finetune(
                 state["stale"] += 1
             bar.set_postfix(valid=f"{score:.4f}", best=f"{state['best']:.4f}@{state['best_update']}")
             state["elapsed"] = time.perf_counter() - start
-            _save_state(state_dir, learner, rng, generator, sampler, state, pretrained_metrics)
+            _snapshot(output / STATE_DIR, learner, rng, generator, sampler, state, pretrained_metrics)
             if state["stale"] >= settings.patience:
                 stop_reason = "patience"
         row["seconds"] = time.perf_counter() - start
@@ -202,6 +223,7 @@ def finetune(
     plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
                                         f"valid_{settings.select_metric}"],
                 output / "curves.png", title=f"fine-tuning ({settings.agent})")
+    shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
     write_json_atomic(output / "results.json", {
         "agent": settings.agent, "sees": agent_class(settings.agent).information(settings), "seed": config.seed,
         "versions": package_versions(), "config": config.to_dict(),
@@ -209,8 +231,15 @@ def finetune(
         "best_metrics": best_metrics, "best_update": state["best_update"], "updates": state["update"],
         "seconds": seconds, "stop_reason": stop_reason,
     })
+    run.finish(best_update=state["best_update"], updates=state["update"], stop_reason=stop_reason)
     return FinetuneResult(best_model, pretrained_metrics, best_metrics, state["best_update"], state["update"],
                           seconds, logger.rows)
+
+
+def _stopped(problem, state: dict, output: Path) -> TrainingError:
+    return TrainingError(f"fine-tuning stopped at update {state['update'] + 1}: {problem}. The last good checkpoint "
+                         f"(update {state['best_update']}) is intact in {output}. Lower finetune.lr or "
+                         "finetune.max_grad_norm")
 
 
 def _flat(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -222,27 +251,40 @@ def _record(metrics: dict, update: int, config: ExperimentConfig) -> dict[str, A
             "versions": package_versions()}
 
 
-def _save_state(directory: Path, learner, rng, generator, sampler: UserSampler, state: dict, pretrained_metrics) -> None:
-    """Everything needed to continue exactly: weights, optimiser, RNG states, counters (no pickle of code)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in learner.policy.state_dict().items()}
-    tensors["torch_generator"] = generator.get_state()
-    tensors["sampler_order"] = torch.from_numpy(sampler.order.copy())
-    save_file(tensors, str(directory / "weights.safetensors.tmp"))
-    (directory / "weights.safetensors.tmp").replace(directory / "weights.safetensors")
-    torch.save(learner.optimizer.state_dict(), directory / "optimizer.pt.tmp")
-    (directory / "optimizer.pt.tmp").replace(directory / "optimizer.pt")
-    write_json_atomic(directory / "state.json", {**state, "numpy_rng": rng.bit_generator.state,
-                                                 "pretrained_metrics": pretrained_metrics})
+def _snapshot(directory: Path, learner, rng, generator, sampler: UserSampler, state: dict, pretrained_metrics) -> None:
+    """Everything needed to continue exactly: weights, optimiser, RNG states, counters (atomic; no pickle of code)."""
+    tensors = {f"policy.{k}": v for k, v in learner.policy.state_dict().items()}
+    tensors.update({"torch_generator": generator.get_state(), "sampler_order": torch.from_numpy(sampler.order.copy()),
+                    **rng_tensors()})
+    save_snapshot(directory, state["update"], tensors, {**state, "numpy_rng": rng.bit_generator.state,
+                                                         "pretrained_metrics": pretrained_metrics,
+                                                         "agent_counters": learner.counters()},
+                  learner.optimizer.state_dict())
 
 
-def _load_state(directory: Path, learner, rng, generator, sampler: UserSampler):
-    tensors = load_file(str(directory / "weights.safetensors"))
+def _restore(snapshot, learner, rng, generator, sampler: UserSampler):
+    tensors, saved, optimizer_state = snapshot
     learner.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     generator.set_state(tensors["torch_generator"])
     sampler.order = tensors["sampler_order"].numpy().copy()
-    learner.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    saved = json.loads((directory / "state.json").read_text())
+    restore_rng(tensors)
+    learner.optimizer.load_state_dict(optimizer_state)
     rng.bit_generator.state = saved.pop("numpy_rng")
+    learner.restore_counters(saved.pop("agent_counters"))
     pretrained_metrics = saved.pop("pretrained_metrics")
     return saved, pretrained_metrics
+
+
+def _finished_result(output: Path, data: InteractionData, config: ExperimentConfig, report_test: bool,
+                     log) -> FinetuneResult:
+    """The result of a run that had already finished (``resume``): nothing is trained again."""
+    results = json.loads((output / "results.json").read_text())
+    model, _ = load_checkpoint(output, data)
+    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    if report_test and "test" not in metrics:
+        protocol = protocol_from_config(config.evaluation, model)
+        metrics = {**metrics, **evaluate(model, data, splits=("test",), ks=config.evaluation.ks, protocol=protocol,
+                                         batch_size=config.evaluation.batch_size).metrics}
+    log(f"{output} had already finished (best update {results['best_update']}); nothing to resume")
+    return FinetuneResult(model, results["pretrained_metrics"], metrics, results["best_update"], results["updates"],
+                          results["seconds"])

@@ -53,6 +53,18 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def validate_experiment(config: Any, command: str) -> None:
+    """Validate every section a command will use, before any work starts (a typo in the
+    ``finetune`` section must not surface after minutes of pretraining)."""
+    from refit_gym.envs.scenarios import env_config
+
+    env_config(config.env)
+    if command in ("finetune", "run"):
+        from agents.config import finetune_config
+
+        finetune_config(config.finetune)
+
+
 def _experiment(args) -> Any:
     from refit_gym.config import load_config
 
@@ -63,7 +75,9 @@ def _experiment(args) -> Any:
         overrides["data.dataset"] = args.data
     if getattr(args, "device", None):
         overrides["device"] = args.device
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    validate_experiment(config, args.command)
+    return config
 
 
 def _write_topk(path: str, top_items: np.ndarray) -> None:
@@ -81,10 +95,13 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 def cmd_pretrain(args) -> int:
     from refit_gym.training.pretrain import pretrain
 
+    from refit_gym.training.run_folder import RunFolder
+
     config = _experiment(args)
+    RunFolder.check(args.output, "pretrain", {**config.to_dict(), "init_from": "None"}, args.resume, args.overwrite)
     data = _load_data(config.data.dataset, config.data.data_dir)
     result = pretrain(config, data, output_dir=args.output, progress=not args.no_progress, log=_log,
-                      report_test=args.report_test)
+                      report_test=args.report_test, resume=args.resume, overwrite=args.overwrite)
     _log(f"best checkpoint (epoch {result.best_epoch}) in {args.output}")
     _print_metrics({"best_epoch": result.best_epoch, **{f"{s}/{k}": v for s, m in result.best_metrics.items() for k, v in m.items()}})
     return 0
@@ -94,6 +111,7 @@ def cmd_evaluate(args) -> int:
     from refit_gym.checkpoint import load_checkpoint, read_checkpoint_config
     from refit_gym.config import resolve_device
     from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
+    from refit_gym.training.run_folder import run_status
 
     description = read_checkpoint_config(args.checkpoint)
     experiment = description["experiment"]
@@ -101,6 +119,11 @@ def cmd_evaluate(args) -> int:
     data = _load_data(dataset, experiment["data"].get("data_dir"))
     device = resolve_device(args.device or "auto")
     model, config = load_checkpoint(args.checkpoint, data, device=device)
+    status = run_status(args.checkpoint)
+    if status not in (None, "finished"):
+        _log(f"warning: {args.checkpoint} comes from a run that has not finished (status {status!r}: it was "
+             "interrupted, or is still going); these are the metrics of its best checkpoint so far. Resume it with "
+             "--resume")
     result = evaluate(model, data, splits=(args.split,), ks=config.evaluation.ks, batch_size=config.evaluation.batch_size,
                       protocol=protocol_from_config(config.evaluation, model),
                       device=device, export_topk=args.k if args.export_topk else None, progress=not args.no_progress)
@@ -143,13 +166,20 @@ def cmd_baseline(args) -> int:
 
 def cmd_finetune(args) -> int:
     from agents.trainer import finetune
-    from refit_gym.training.cache import pretrained_checkpoint
+    from agents.config import finetune_config
+    from refit_gym.training.cache import cached_checkpoint, pretrained_checkpoint
+    from refit_gym.training.run_folder import RunFolder
 
     config = _experiment(args)
     data = _load_data(config.data.dataset, config.data.data_dir)
-    pretrained = args.pretrained or pretrained_checkpoint(config, data, progress=not args.no_progress, log=_log)
+    settings = finetune_config(config.finetune, **({"agent": args.agent} if args.agent else {}))
+    pretrained = args.pretrained or cached_checkpoint(config, data)
+    planned = {**config.to_dict(), "finetune": settings.to_dict(), "pretrained": str(pretrained)}
+    RunFolder.check(args.output, "finetune", planned, args.resume, args.overwrite)  # before any pretraining
+    if not args.pretrained:
+        pretrained = pretrained_checkpoint(config, data, progress=not args.no_progress, log=_log)
     result = finetune(config, data, pretrained, args.output, agent=args.agent, resume=args.resume,
-                      progress=not args.no_progress, log=_log, report_test=args.report_test)
+                      overwrite=args.overwrite, progress=not args.no_progress, log=_log, report_test=args.report_test)
     _log(f"best fine-tuned checkpoint (update {result.best_update}) in {args.output}")
     _print_metrics({"best_update": result.best_update,
                     **{f"{s}/{k}": v for s, m in result.best_metrics.items() for k, v in m.items()}})
@@ -161,7 +191,7 @@ def cmd_run(args) -> int:
 
     config = _experiment(args)
     run_main_job(config, args.output, pretrained=args.pretrained, progress=not args.no_progress, log=_log,
-                 report_test=args.report_test)
+                 report_test=args.report_test, resume=args.resume, overwrite=args.overwrite)
     _log(f"results in {args.output}/results.json and results.md")
     return 0
 
@@ -201,11 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     report_test = "evaluate the selected checkpoint on test once, at the end (test is sealed otherwise)"
+
+    def run_folder(p):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--resume", action="store_true",
+                           help="continue the unfinished run in --output (same config; refused otherwise)")
+        group.add_argument("--overwrite", action="store_true",
+                           help="replace the run already in --output (a folder holding a run is refused otherwise)")
     p = commands.add_parser("pretrain", help="train a base diffusion recommender until it converges")
     common(p)
     p.add_argument("--output", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--report-test", action="store_true", help=report_test)
+    run_folder(p)
     p.set_defaults(handler=cmd_pretrain)
 
     p = commands.add_parser("evaluate", help="evaluate a checkpoint; prints a metrics JSON on stdout")
@@ -234,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="checkpoint directory to write (evaluate reads it)")
     p.add_argument("--agent", help="refit (default), supervised, reinforce, ppo, torchrl-ppo, sb3-ppo")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     p.add_argument("--report-test", action="store_true", help=report_test)
+    run_folder(p)
     p.set_defaults(handler=cmd_finetune)
 
     p = commands.add_parser("run", help="the main job: pretrain -> fine-tune -> evaluate, next to baselines")
@@ -245,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--report-test", action="store_true",
                    help="add test columns, computed once for each final model (test is sealed otherwise)")
+    run_folder(p)
     p.set_defaults(handler=cmd_run)
 
     p = commands.add_parser("download", help="download a public dataset (needs internet)")

@@ -36,6 +36,11 @@ class CheckpointError(RefitGymError, ValueError):
     """A checkpoint directory is missing files or does not match the model it is loaded into."""
 
 
+class TrainingError(RefitGymError, RuntimeError):
+    """Training cannot go on (a NaN or infinite loss); the message says where the last good
+    checkpoint is."""
+
+
 class DownloadError(RefitGymError, RuntimeError):
     """A dataset could not be downloaded or failed its checksum."""
 

@@ -134,3 +134,34 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def crash_at_update(monkeypatch, update: int) -> None:
+    """Make the trainer's user sampler raise ``KeyboardInterrupt`` when it draws update ``update``."""
+    from agents import trainer
+
+    real, calls = trainer.UserSampler.next, {"n": 0}
+
+    def next_or_crash(self, rng):
+        calls["n"] += 1
+        if calls["n"] == update:
+            raise KeyboardInterrupt
+        return real(self, rng)
+
+    monkeypatch.setattr(trainer.UserSampler, "next", next_or_crash)
+
+
+def assert_same_run(first, second) -> None:
+    """The same best checkpoint (bytes of the weights), metrics and per-update log (timings aside)."""
+    import csv
+    import json
+
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert json.loads((first / "metrics.json").read_text())["metrics"] == json.loads(
+        (second / "metrics.json").read_text())["metrics"]
+    rows = [list(csv.DictReader((folder / "log.csv").open())) for folder in (first, second)]
+    assert len(rows[0]) == len(rows[1])
+    for a, b in zip(*rows):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert json.loads((second / "run.json").read_text())["status"] == "finished"
+    assert not (second / "trainer_state").exists()  # a finished run keeps no resumable state

@@ -12,6 +12,7 @@ from agents import AGENTS, agent_class
 from agents.config import finetune_config
 from agents.rollout import collect_rollouts, group_advantages
 from agents.trainer import finetune
+from conftest import assert_same_run, crash_at_update
 from refit_gym.checkpoint import load_checkpoint
 from refit_gym.config import config_from_dict
 from refit_gym.errors import ConfigError
@@ -129,16 +130,17 @@ def test_finetuned_checkpoint_loads_and_evaluates_like_the_run(tiny_data, tiny_p
     assert (tmp_path / "ft" / "log.csv").is_file() and (tmp_path / "ft" / "curves.png").is_file()
 
 
-def test_resume_continues_to_the_same_result(tiny_data, tiny_pretrained, tmp_path):
-    full = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "full", progress=False, log=lambda _: None)
-    finetune(_experiment(max_updates=6), tiny_data, tiny_pretrained, tmp_path / "cut", progress=False, log=lambda _: None)
-    resumed = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", resume=True, progress=False, log=lambda _: None)
+def test_a_crashed_run_resumes_to_the_same_result(tiny_data, tiny_pretrained, tmp_path, monkeypatch):
+    quiet = {"progress": False, "log": lambda _: None}
+    full = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "full", **quiet)
+    crash_at_update(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", **quiet)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "running"
+    monkeypatch.undo()
+    resumed = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", resume=True, **quiet)
     assert resumed.updates == full.updates == 9
-    for a, b in zip(full.model.denoiser.parameters(), resumed.model.denoiser.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    final_full = (tmp_path / "full" / "trainer_state" / "weights.safetensors").read_bytes()
-    final_resumed = (tmp_path / "cut" / "trainer_state" / "weights.safetensors").read_bytes()
-    assert final_full == final_resumed
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
 def test_importance_weighted_categorical_gradient_is_the_exact_log_likelihood_gradient():

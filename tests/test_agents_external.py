@@ -38,7 +38,7 @@ from refit_gym.evaluation.evaluator import evaluate
 
 from conftest import TINY_EXPERIMENT as EXPERIMENT
 from conftest import build_tiny_learner as _setup
-from conftest import train_tiny
+from conftest import assert_same_run, crash_at_update, train_tiny
 EXTERNAL_AGENTS = ("torchrl-ppo", "sb3-ppo")
 REWARD = {"loglik": {"weight": 1.0, "temperature": 0.5}}
 
@@ -138,7 +138,8 @@ def _experiment(**finetune_section):
 
 
 @pytest.mark.parametrize("agent_name", EXTERNAL_AGENTS)
-def test_agent_runs_through_the_trainer_and_resumes_to_the_same_result(tiny_data, tiny_pretrained, tmp_path, agent_name):
+def test_agent_runs_through_the_trainer_and_resumes_to_the_same_result(tiny_data, tiny_pretrained, tmp_path, agent_name,
+                                                                       monkeypatch):
     _needs(agent_name)
     quiet = {"progress": False, "log": lambda _: None}
     full = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "full", agent=agent_name, **quiet)
@@ -151,9 +152,10 @@ def test_agent_runs_through_the_trainer_and_resumes_to_the_same_result(tiny_data
     metrics = evaluate(model, tiny_data, splits=("valid",), ks=(20,)).metrics
     assert metrics["valid"]["recall@20"] == pytest.approx(full.best_metrics["valid"]["recall@20"], abs=1e-7)
 
-    finetune(_experiment(max_updates=6), tiny_data, tiny_pretrained, tmp_path / "cut", agent=agent_name, **quiet)
+    crash_at_update(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", agent=agent_name, **quiet)
+    monkeypatch.undo()
     resumed = finetune(_experiment(), tiny_data, tiny_pretrained, tmp_path / "cut", agent=agent_name, resume=True, **quiet)
     assert resumed.updates == 9
-    final_full = (tmp_path / "full" / "trainer_state" / "weights.safetensors").read_bytes()
-    final_resumed = (tmp_path / "cut" / "trainer_state" / "weights.safetensors").read_bytes()
-    assert final_full == final_resumed
+    assert_same_run(tmp_path / "full", tmp_path / "cut")

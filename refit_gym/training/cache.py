@@ -67,6 +67,12 @@ def cached_checkpoint(config: ExperimentConfig, data: InteractionData, cache_dir
     return root / cache_key(config, data)
 
 
+def staging_folder(config: ExperimentConfig, data: InteractionData, cache_dir: Optional[str | Path] = None) -> Path:
+    """Where :func:`pretrained_checkpoint` trains ``config``'s model before moving it into the cache."""
+    directory = cached_checkpoint(config, data, cache_dir)
+    return directory.parent / f".{directory.name}.partial"
+
+
 def is_cached(directory: Path) -> bool:
     return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
 
@@ -80,11 +86,14 @@ def pretrained_checkpoint(
 ) -> Path:
     """The checkpoint of ``config``'s base model pretrained on ``data``, from the cache or trained now.
 
-    A checkpoint is trained in a staging folder and renamed into place, so an interrupted run
-    never leaves a half-written cache entry.
+    A checkpoint is trained in the staging folder ``.<name>.partial`` and renamed into place
+    when it is done, so the cache never holds a half-trained entry. An interrupted pretraining
+    (Ctrl-C, a killed process) leaves its staging folder, and the next call resumes it from its
+    last evaluation instead of starting again.
     """
     import shutil
-    import tempfile
+
+    from refit_gym.training.run_folder import read_run
 
     directory = cached_checkpoint(config, data, cache_dir)
     if is_cached(directory):
@@ -92,16 +101,19 @@ def pretrained_checkpoint(
         return directory
     from refit_gym.training.pretrain import pretrain
 
-    log(f"pretraining {config.model.name} on {data.name} (cached in {directory} for next time)")
+    staging = staging_folder(config, data, cache_dir)
+    resume = read_run(staging) is not None
+    log(f"{'resuming' if resume else 'starting'} the pretraining of {config.model.name} on {data.name}: at most "
+        f"{config.pretrain.max_epochs} epochs" + (f" or {config.pretrain.time_budget_s:.0f} s"
+                                                   if config.pretrain.time_budget_s else "")
+        + f"; cached in {directory} when done (interrupting keeps the progress in {staging.name})")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    if staging.exists() and not resume:
+        shutil.rmtree(staging)
+    pretrain(config, data, output_dir=staging, progress=progress, log=log, resume=resume)
     try:
-        pretrain(config, data, output_dir=staging, progress=progress, log=log)
-        try:
-            os.replace(staging, directory)
-        except OSError:  # another process cached it first: keep that one
-            pass
-    finally:
+        os.replace(staging, directory)
+    except OSError:  # another process cached it first: keep that one
         shutil.rmtree(staging, ignore_errors=True)
     return directory
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,12 @@ from refit_gym.diffusion import TimestepSampler
 from refit_gym.data.history import SequenceTable
 from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 from refit_gym.models import BaseModel, build_model
+from refit_gym.errors import TrainingError
+from refit_gym.training.run_folder import RunFolder
 from refit_gym.training.run_log import CsvLogger, plot_curves
+from refit_gym.training.state import load_snapshot, restore_rng, rng_tensors, save_snapshot
+
+STATE_DIR = "training_state"
 
 
 @dataclass
@@ -63,23 +69,41 @@ def pretrain(
     log: Callable[[str], None] = print,
     init_from: Optional[str | Path] = None,
     report_test: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> PretrainResult:
     """Train ``config.model`` on ``data``'s training interactions; keep the best-validation weights.
 
     Args:
         config: the experiment (model, diffusion, pretrain and evaluation sections are used).
         data: interactions; only ``train`` feeds the model.
-        output_dir: where the best checkpoint, ``log.csv``, ``curves.png`` and ``metrics.json`` go
-            (nothing is written when None).
+        output_dir: where the best checkpoint, ``log.csv``, ``curves.png``, ``metrics.json``, the
+            run record (``run.json``) and the training state go (nothing is written when None).
         progress: show a progress bar over epochs.
         log: where one-line messages go.
         init_from: start from this checkpoint's weights instead of a fresh init (continued
             training: fine-tuning's control (a)).
         report_test: evaluate the selected checkpoint on test once, at the end (the result's
             ``best_metrics["test"]``); otherwise test is never computed.
+        resume: continue the run in ``output_dir`` from its last evaluation (the training state
+            is snapshotted at every evaluation; a run killed at any moment resumes to exactly the
+            result of an uninterrupted one on the same machine and thread count).
+        overwrite: replace a run already in ``output_dir``.
+
+    Raises:
+        ConfigError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given,
+            or ``resume`` with another config (see :mod:`refit_gym.training.run_folder`).
+        TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
     """
     settings = config.pretrain
     device = resolve_device(config.device)
+    output = Path(output_dir) if output_dir is not None else None
+    run = None
+    if output is not None:
+        run = RunFolder.claim(output, "pretrain", {**config.to_dict(), "init_from": str(init_from)},
+                              resume=resume, overwrite=overwrite)
+        if run.finished:
+            return _finished_result(output, data, report_test, log)
     generator = seed_everything(config.seed)
     model = build_model(config.model, config.diffusion, data, device=device)
     if init_from is not None:
@@ -95,87 +119,140 @@ def pretrain(
         return evaluate(model, data, splits=(split,), ks=config.evaluation.ks,
                         batch_size=config.evaluation.batch_size, device=device, protocol=protocol).metrics
 
-    output = Path(output_dir) if output_dir is not None else None
-    logger = None
-    if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        logger = CsvLogger(output / "log.csv")
-
-    best_valid, best_epoch, best_metrics = -math.inf, 0, {}
-    if init_from is not None:  # the starting point competes too: continued training never selects worse
+    state = {"epoch": 0, "best_valid": -math.inf, "best_epoch": 0, "best_metrics": {}, "stale": 0, "decays": 0,
+             "elapsed": 0.0, "seconds_to_best": 0.0}
+    history: list[dict[str, Any]] = []
+    best_state = None
+    snapshot = load_snapshot(output / STATE_DIR) if (run is not None and run.resumed) else None
+    if snapshot is not None:
+        tensors, state, optimizer_state = snapshot
+        model.load_state_dict(_prefixed(tensors, "model."))
+        best_state = _prefixed(tensors, "best.")
+        sampler.load_state_dict(_prefixed(tensors, "sampler."))
+        optimizer.load_state_dict(optimizer_state)
+        generator.set_state(tensors["generator"])
+        restore_rng(tensors)
+        history = state.pop("history")
+        log(f"resumed {output} after epoch {state['epoch']} (best valid {state['best_valid']:.4f} at epoch "
+            f"{state['best_epoch']})")
+    elif run is not None and run.resumed:
+        log(f"{output}: the run had not finished an epoch; starting it again from the beginning")
+    logger = CsvLogger(output / "log.csv", resume=snapshot is not None) if output is not None else None
+    if logger is not None and snapshot is not None:
+        logger.rows = [r for r in logger.rows if int(r["epoch"]) <= state["epoch"]]  # drop rows after the snapshot
+    if snapshot is None and init_from is not None:  # the start competes too: continued training never selects worse
         model.eval()
-        best_metrics = validate()
-        best_valid = best_metrics["valid"][settings.select_metric]
+        state["best_metrics"] = validate()
+        state["best_valid"] = state["best_metrics"]["valid"][settings.select_metric]
         if output is not None:
-            save_checkpoint(output, model, config, data, metrics=_record(best_metrics, 0, config))
-    best_state = copy.deepcopy(model.state_dict())
-    stale, decays, history = 0, 0, []
-    start = time.perf_counter()
-    seconds_to_best = 0.0
-    epochs = tqdm(range(1, settings.max_epochs + 1), desc="pretrain", disable=not progress, dynamic_ncols=True)
-    epoch = 0
+            save_checkpoint(output, model, config, data, metrics=_record(state["best_metrics"], 0, config))
+    if best_state is None:
+        best_state = copy.deepcopy(model.state_dict())
+    start = time.perf_counter() - state["elapsed"]
+    epochs = tqdm(range(state["epoch"] + 1, settings.max_epochs + 1), desc="pretrain", disable=not progress,
+                  dynamic_ncols=True, initial=state["epoch"], total=settings.max_epochs)
+    epoch = state["epoch"]
     for epoch in epochs:
         model.train()
         total, batches = 0.0, 0
         for batch in model.training_batches(table, settings.batch_size, generator):
             loss = model.training_loss(batch, sampler, reweight=config.diffusion.reweight, generator=generator)
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint (epoch {state['best_epoch']}) is intact in {output}" if output else ""
+                raise TrainingError(f"pretraining {config.model.name}: the loss became {float(loss)} in epoch {epoch} "
+                                    f"(batch {batches + 1}){where}. Lower pretrain.lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total / batches,
-        }
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / batches}
+        if epoch == state["epoch"] + 1 and snapshot is None:
+            per_epoch = time.perf_counter() - start
+            log(f"epoch 1 took {per_epoch:.0f} s: at most {settings.max_epochs} epochs (~{per_epoch * settings.max_epochs / 60:.0f} "
+                "min plus evaluations); a validation plateau usually stops it much earlier")
         out_of_time = settings.time_budget_s is not None and time.perf_counter() - start > settings.time_budget_s
         if epoch % settings.eval_every == 0 or epoch == settings.max_epochs or out_of_time:
             model.eval()
             metrics = validate()
             valid = metrics["valid"][settings.select_metric]
             row.update({f"valid_{k}": v for k, v in metrics["valid"].items() if k.endswith(("@10", "@20"))})
-            if valid > best_valid + settings.min_delta:
-                best_valid, best_epoch, best_metrics = valid, epoch, metrics
+            if valid > state["best_valid"] + settings.min_delta:
+                state.update(best_valid=valid, best_epoch=epoch, best_metrics=metrics, stale=0,
+                             seconds_to_best=time.perf_counter() - start)
                 best_state = copy.deepcopy(model.state_dict())
-                seconds_to_best = time.perf_counter() - start
-                stale = 0
                 if output is not None:
-                    save_checkpoint(output, model, config, data, metrics=_record(best_metrics, best_epoch, config))
+                    save_checkpoint(output, model, config, data, metrics=_record(metrics, epoch, config))
             else:
-                stale += 1
-            epochs.set_postfix(loss=f"{row['train_loss']:.4f}", valid=f"{valid:.4f}", best=f"{best_valid:.4f}@{best_epoch}")
-            if stale >= settings.plateau_patience and epoch >= settings.min_epochs:
-                if decays >= settings.max_lr_decays:
+                state["stale"] += 1
+            epochs.set_postfix(loss=f"{row['train_loss']:.4f}", valid=f"{valid:.4f}",
+                               best=f"{state['best_valid']:.4f}@{state['best_epoch']}")
+            if state["stale"] >= settings.plateau_patience and epoch >= settings.min_epochs:
+                if state["decays"] >= settings.max_lr_decays:
                     row["event"] = "stop: plateau"
                 else:
-                    decays, stale = decays + 1, 0
+                    state["decays"], state["stale"] = state["decays"] + 1, 0
                     if settings.restore_best_on_decay:
                         model.load_state_dict(best_state)
                     for group in optimizer.param_groups:
                         group["lr"] *= settings.lr_decay
                     row["event"] = f"lr decay -> {optimizer.param_groups[0]['lr']:.1e}" + (
-                        f" from best epoch {best_epoch}" if settings.restore_best_on_decay else "")
+                        f" from best epoch {state['best_epoch']}" if settings.restore_best_on_decay else "")
                     log(f"epoch {epoch}: {row['event']}")
         row["seconds"] = time.perf_counter() - start
         history.append(row)
+        state["epoch"], state["elapsed"] = epoch, time.perf_counter() - start
         if logger is not None:
             logger.log(row)
+        evaluated = any(key.startswith("valid_") for key in row)
+        if logger is not None and (evaluated or row.get("event")):  # a killed run resumes from its last evaluation
+            save_snapshot(output / STATE_DIR, epoch, {
+                **{f"model.{k}": v for k, v in model.state_dict().items()},
+                **{f"best.{k}": v for k, v in best_state.items()},
+                **{f"sampler.{k}": v for k, v in sampler.state_dict().items()},
+                "generator": generator.get_state(), **rng_tensors(),
+            }, {**state, "history": history}, optimizer.state_dict())
         if row.get("event", "").startswith("stop") or out_of_time:
             break
     seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
     model.eval()
+    best_valid, best_epoch, best_metrics = state["best_valid"], state["best_epoch"], state["best_metrics"]
     log(f"pretraining done: best valid {settings.select_metric} {best_valid:.4f} at epoch {best_epoch} "
-        f"({epoch} epochs, {seconds:.0f} s; best reached after {seconds_to_best:.0f} s)")
+        f"({epoch} epochs, {seconds:.0f} s; best reached after {state['seconds_to_best']:.0f} s)")
     if report_test:
         best_metrics = {**best_metrics, **validate("test")}
     if output is not None:
         plot_curves(history, "epoch", ["train_loss", f"valid_{settings.select_metric}"],
                     output / "curves.png", title=f"pretraining {config.name}")
         record = _record(best_metrics, best_epoch, config)
-        record.update({"epochs_run": epoch, "seconds": seconds, "seconds_to_best": seconds_to_best})
+        record.update({"epochs_run": epoch, "seconds": seconds, "seconds_to_best": state["seconds_to_best"]})
         write_json_atomic(output / METRICS_FILE, record)
-    return PretrainResult(model, best_epoch, best_valid, best_metrics, epoch, seconds, seconds_to_best, history)
+        shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
+        run.finish(best_epoch=best_epoch, epochs_run=epoch, seconds=seconds)
+    return PretrainResult(model, best_epoch, best_valid, best_metrics, epoch, seconds, state["seconds_to_best"],
+                          history)
+
+
+def _finished_result(output: Path, data: InteractionData, report_test: bool, log) -> PretrainResult:
+    """The result of a run that had already finished (``resume``): nothing is trained again."""
+    import json
+
+    from refit_gym.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(output, data)
+    record = json.loads((output / METRICS_FILE).read_text())
+    metrics = record["metrics"]
+    if report_test and "test" not in metrics:
+        protocol = protocol_from_config(config.evaluation, model)
+        metrics = {**metrics, **evaluate(model, data, splits=("test",), ks=config.evaluation.ks,
+                                         batch_size=config.evaluation.batch_size, protocol=protocol).metrics}
+    log(f"{output} had already finished (best epoch {record['best_epoch']}); nothing to resume")
+    return PretrainResult(model, record["best_epoch"], metrics["valid"][config.pretrain.select_metric], metrics,
+                          record.get("epochs_run", 0), record.get("seconds", 0.0), record.get("seconds_to_best", 0.0))
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _record(metrics: dict, best_epoch: int, config: ExperimentConfig) -> dict[str, Any]:
