@@ -138,9 +138,15 @@ def load_checkpoint(
     state = read_weights(weights)
     if description.get("format") == "refit-gym-checkpoint/1":  # DiffRec's denoiser alone
         state = {f"denoiser.{key}": value for key, value in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{weights} does not match the model in {CONFIG_FILE}: {error}") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        problems = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
+                    ((missing, "missing tensor(s)"), (unexpected, "unexpected tensor(s)"),
+                     (reshaped, "tensor(s) of another shape")) if keys]
+        raise CheckpointError(f"{weights} does not match the {model.name} model that {CONFIG_FILE} describes: "
+                              + "; ".join(problems) + " (weights of another model or of another config?)")
+    model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device), config

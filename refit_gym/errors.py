@@ -28,6 +28,10 @@ class ActionError(RefitGymError, ValueError):
     """An action has the wrong shape, dtype, or holds NaN / inf."""
 
 
+class RewardError(RefitGymError, ValueError):
+    """A reward term returned NaN or an infinite value (the message names the term and the user)."""
+
+
 class EpisodeStateError(RefitGymError, RuntimeError):
     """The environment was used out of order (e.g. stepped after its episode ended)."""
 

@@ -380,3 +380,23 @@ def test_env_keeps_its_own_frozen_model(data):
     assert core.model is not model
     assert not core.model.training and not any(p.requires_grad for p in core.model.parameters())
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_non_finite_reward_is_refused_naming_the_term_and_the_user(data):
+    from refit_gym.errors import RewardError
+    from refit_gym.rewards.base import RewardTerm
+
+    class Broken(RewardTerm):
+        name = "broken"
+
+        def __call__(self, scores, episode):
+            value = torch.zeros(episode.batch_size)
+            value[1] = float("nan")
+            return value
+
+    core = make_core(data, reward=Broken(), exposed_steps=1, batch_size=3)
+    obs = core.reset(np.random.default_rng(0), users=[4, 9, 2])
+    before = core.x_t.clone()
+    with pytest.raises(RewardError, match=r"reward term 'broken' is nan for user 9; the state was not changed"):
+        core.step(obs["x_t"])
+    assert torch.equal(core.x_t, before) and core.t.tolist() == [1, 1, 1]

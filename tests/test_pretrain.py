@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,28 @@ def test_missing_or_broken_checkpoint_files_are_named(tmp_path, data, trained):
     (copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(copy, data)
+
+
+def test_truncated_corrupted_or_foreign_checkpoints_are_named(tmp_path, data, trained):
+    _, output, config = trained
+    truncated = tmp_path / "truncated"
+    shutil.copytree(output, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupted and cannot be read"):
+        load_checkpoint(truncated, data)
+    garbled = tmp_path / "garbled"
+    shutil.copytree(output, garbled)
+    (garbled / "config.json").write_text('{"format": "refit-gym-checkpoint/2", "experiment": {')
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        load_checkpoint(garbled, data)
+    foreign = tmp_path / "foreign"  # the config says CF-Diff, the weights are DiffRec's
+    shutil.copytree(output, foreign)
+    description = json.loads((foreign / "config.json").read_text())
+    description["experiment"]["model"] = {"name": "cfdiff", "d_model": 8, "hidden": 16}
+    (foreign / "config.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match=r"does not match the cfdiff model that config.json describes: 24 missing tensor\(s\) \(first: denoiser.attentions.0.in_proj_bias\); 8 unexpected"):
+        load_checkpoint(foreign, data)
 
 
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, data, trained, monkeypatch):

@@ -36,7 +36,7 @@ import torch
 
 from refit_gym.data.history import HistoryBatch, SequenceTable
 from refit_gym.data.interactions import TrainingInteractions, UserSequences, pairs_to_csr
-from refit_gym.errors import ActionError, ConfigError, EpisodeStateError
+from refit_gym.errors import ActionError, ConfigError, EpisodeStateError, RewardError
 from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping
 
@@ -683,6 +683,12 @@ class DenoisingMDP:
             else:
                 total = self.reward(scores, episode)
                 terms = {getattr(self.reward, "name", "reward"): total}
+        if not bool(torch.isfinite(total).all()):  # a reward term's bug must not reach an agent as NaN
+            name, values = next(((n, v) for n, v in terms.items() if not bool(torch.isfinite(v).all())),
+                                ("total", total))
+            row = int(torch.nonzero(~torch.isfinite(values))[0, 0])
+            raise RewardError(f"the reward term {name!r} is {float(values[row])} for user {int(episode.users[row])}; "
+                              "the state was not changed (check the reward term: it must be finite)")
         return terms, total.to(self.device)
 
     # ------------------------------------------------------------------ rendering
