@@ -15,14 +15,16 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from agents.config import FinetuneConfig
 from agents.policy import DenoisingPolicy
 from agents.rollout import Rollout, collect_rollouts
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.policies import denoiser_action
-from refit_gym.errors import TrainingError
+from refit_gym.errors import ConfigError, TrainingError
 from refit_gym.models.base import BaseModel
+from refit_gym.training.distributed import Distributed
 from refit_gym.rewards.functional import held_out_mass, masked_log_softmax, scored_items
 from refit_gym.rewards.likelihood import HeldOutLogLikelihood
 
@@ -62,6 +64,29 @@ class Agent:
         self.optimizer = torch.optim.Adam(
             [p for p in policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
         )
+        self.distributed = Distributed()
+        self._data_parallel: Optional[nn.Module] = None
+
+    supports_data_parallel = True
+    """Whether the agent runs under ``torchrun`` (its losses go through :meth:`compute`)."""
+
+    def distribute(self, distributed: Distributed) -> None:
+        """Train data-parallel: this process takes its shard of each batch of users and its
+        losses' gradients are averaged over the processes (``DistributedDataParallel``)."""
+        if distributed.active and not self.supports_data_parallel:
+            raise ConfigError(f"the {self.name} agent does not run data-parallel (its update is another library's "
+                              "loop); use refit, supervised, reinforce or ppo under torchrun")
+        self.distributed = distributed
+        self._data_parallel = distributed.wrap(_LossModule(self.policy)) if distributed.active else None
+
+    def compute(self, loss_fn, *args):
+        """``loss_fn(*args)`` -- through ``DistributedDataParallel`` when training data-parallel, so
+        the backward of its ``"loss"`` averages the gradients over the processes."""
+        return self._data_parallel(loss_fn, *args) if self._data_parallel is not None else loss_fn(*args)
+
+    def local_users(self, users: np.ndarray) -> np.ndarray:
+        """This process's shard of a batch of users (all of them in one process)."""
+        return np.asarray(users)[self.distributed.shard(len(users))]
 
     @classmethod
     def information(cls, config: FinetuneConfig) -> str:
@@ -80,12 +105,13 @@ class Agent:
     def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
         """One update on a batch of distinct ``users``; returns the loss terms and diagnostics."""
         rollout = self.collect(users, rng, generator)
-        terms = self.loss(rollout, generator)
+        terms = self.compute(self.loss, rollout, generator)
         grad_norm = self.step(terms["loss"])
-        return {**self.scalars(terms), "grad_norm": grad_norm, **self.diagnostics(rollout)}
+        return self.distributed.mean({**self.scalars(terms), "grad_norm": grad_norm, **self.diagnostics(rollout)})
 
     def collect(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Rollout:
-        rows = np.repeat(np.asarray(users, dtype=np.int64), self.group_size)
+        """Rollouts of this process's shard of ``users`` (``group_size`` per user)."""
+        rows = np.repeat(np.asarray(self.local_users(users), dtype=np.int64), self.group_size)
         return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
                                 stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps,
                                 recorded_steps=0 if self.config.anchor == "kl" else self.config.trained_steps)
@@ -195,3 +221,15 @@ class Agent:
         log_p = masked_log_softmax(self.policy.item_scores(x0), visible, tau)
         log_q = masked_log_softmax(self.reference.item_scores(x0_pretrained), visible, tau)
         return torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), 0.0).sum(1)
+
+
+class _LossModule(nn.Module):
+    """What ``DistributedDataParallel`` wraps: the policy's parameters and a forward that runs any
+    of the agent's loss functions (DDP needs each loss to come out of its module's forward)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, loss_fn, *args):
+        return loss_fn(*args)

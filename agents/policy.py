@@ -83,9 +83,13 @@ class DenoisingPolicy(nn.Module):
         step = diffusion_step(t).to(x_t.device)
         return self.diffusion.predict_x0(self.model.denoise(x_t, step, **context), x_t, step)
 
-    def sample(self, loc: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        noise = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
-        return loc + torch.exp(self.log_std) * noise
+    def sample(self, loc: torch.Tensor, generator: Optional[torch.Generator] = None,
+               row_window: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """``loc + std * z``; with ``row_window = (offset, global_batch)`` the noise is drawn for the
+        global batch and these rows take theirs (the same draws whatever the number of processes)."""
+        offset, total = (0, len(loc)) if row_window is None else row_window
+        noise = torch.randn((total, *loc.shape[1:]), generator=generator, device=loc.device, dtype=loc.dtype)
+        return loc + torch.exp(self.log_std) * noise[offset : offset + len(loc)]
 
     def log_prob(self, action: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return gaussian_log_prob(action, loc, self.log_std, self.log_prob_reduction)

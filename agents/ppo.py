@@ -37,11 +37,12 @@ class PPOAgent(Agent):
         for _ in range(self.config.inner_epochs):
             order = torch.randperm(rollout.n_rows, generator=generator).to(rollout.states.device)
             for rows in order.chunk(MINIBATCHES):
-                terms = self.minibatch_loss(rollout, steps, rows, advantages[:, rows], log_probs_old[:, rows])
+                terms = self.compute(self.minibatch_loss, rollout, steps, rows, advantages[:, rows],
+                                     log_probs_old[:, rows])
                 grad_norm = self.step(terms["loss"])
                 history.append({**self.scalars(terms), "grad_norm": grad_norm})
         mean = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-        return {**mean, **self.diagnostics(rollout)}
+        return self.distributed.mean({**mean, **self.diagnostics(rollout)})
 
     def minibatch_loss(self, rollout: Rollout, steps: list[int], rows: torch.Tensor,
                        advantages: torch.Tensor, log_probs_old: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ def collect_rollouts(
     for s in range(steps):
         loc = policy.loc(observation["x_t"], observation["t"], **context)
         explored = stochastic and s >= first_explored
-        action = policy.sample(loc, generator) if explored else loc
+        action = policy.sample(loc, generator, (core.row_offset, core.global_batch)) if explored else loc
         r = s - first_recorded
         if r >= 0:
             states[r], remaining[r], actions[r] = observation["x_t"], observation["t"], action

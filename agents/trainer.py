@@ -42,6 +42,7 @@ from refit_gym.models.base import BaseModel
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import TrainingInteractions
 from refit_gym.errors import TrainingError
+from refit_gym.training.distributed import Distributed, init_distributed, local_device
 from refit_gym.training.run_folder import RunFolder
 from refit_gym.training.run_log import CsvLogger, plot_curves
 from refit_gym.training.state import load_snapshot, restore_rng, rng_tensors, save_snapshot
@@ -77,25 +78,31 @@ class UserSampler:
 
 
 def build_learner(settings: FinetuneConfig, base: BaseModel, data: InteractionData,
-                  device: torch.device | str = "cpu"):
+                  device: torch.device | str = "cpu", distributed: Distributed = Distributed()):
     """The agent ``settings.agent`` over a fresh env core and a trainable copy of ``base``.
 
     The core's batch is ``users_per_batch * rollouts_per_user`` (one row per rollout; agents that
     do not collect rollouts get one row per user); the reward is bound to the training
-    interactions only.
+    interactions only. Data-parallel (``distributed``), the core holds this process's shard of
+    that batch and draws its randomness as the whole batch would, so the result does not
+    depend on the number of processes.
     """
     interactions = TrainingInteractions.from_data(data)
     group_size = settings.rollouts_per_user if agent_class(settings.agent).collects_rollouts else 1
+    users = min(settings.users_per_batch, data.n_users)
+    shard = distributed.even_shard(users, "finetune.users_per_batch")
     core = DenoisingMDP(
         base, build_reward(settings.reward, interactions, device), interactions,
-        batch_size=min(settings.users_per_batch, data.n_users) * group_size,
+        batch_size=len(shard) * group_size, row_window=(shard.start * group_size, users * group_size),
         action_mode=settings.action_mode,
         exposed_steps=min(settings.exposed_steps or base.diffusion.steps, base.diffusion.steps),
         holdout=settings.holdout, holdout_fraction=settings.holdout_fraction, device=device,
     )
     policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
                              settings.log_prob_reduction).to(device)
-    return build_agent(settings.agent, policy, core, base, settings)
+    agent = build_agent(settings.agent, policy, core, base, settings)
+    agent.distribute(distributed)
+    return agent
 
 
 def finetune(
@@ -134,29 +141,41 @@ def finetune(
     settings = finetune_config(config.finetune, **({"agent": agent} if agent else {}), **overrides)
     config.finetune = settings.to_dict()
     output = Path(output_dir)
-    run = RunFolder.claim(output, "finetune", {**config.to_dict(), "pretrained": str(pretrained)},
-                          resume=resume, overwrite=overwrite)
+    device = resolve_device(config.device)
+    distributed = init_distributed(device)
+    device = local_device(device)
+    run = RunFolder.claim(output, "finetune", {**config.to_dict(), "pretrained": str(pretrained)}, resume,
+                          overwrite, distributed)
     if run.finished:
         return _finished_result(output, data, config, report_test, log)
-    device = resolve_device(config.device)
+    writes = distributed.main  # rank 0 writes checkpoints, logs and snapshots
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
     base, _ = load_checkpoint(pretrained, data, device=device)
-    learner = build_learner(settings, base, data, device)
+    learner = build_learner(settings, base, data, device, distributed)
     policy, core = learner.policy, learner.core
     finetuned = policy.model  # the trainable copy of the base model, evaluated and checkpointed as is
     sampler = UserSampler(data.n_users, settings.users_per_batch)
     protocol = protocol_from_config(config.evaluation, finetuned)
 
     def validate(model=finetuned, split: str = "valid") -> dict[str, dict[str, float]]:
-        return evaluate(model, data, splits=(split,), ks=config.evaluation.ks, protocol=protocol,
-                        batch_size=config.evaluation.batch_size, device=device).metrics
+        return distributed.evaluate(model, data, splits=(split,), ks=config.evaluation.ks, protocol=protocol,
+                                    batch_size=config.evaluation.batch_size, device=device)
+
+    def save_best(metrics, update: int) -> None:
+        if writes:
+            save_checkpoint(output, finetuned, config, data, metrics=_record(metrics, update, config),
+                            extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
+
+    def snapshot_now() -> None:
+        if writes:
+            _snapshot(output / STATE_DIR, learner, rng, generator, sampler, state, pretrained_metrics)
 
     state = {"update": 0, "best": -math.inf, "best_update": 0, "stale": 0, "elapsed": 0.0}
     snapshot = load_snapshot(output / STATE_DIR) if run.resumed else None
-    logger = CsvLogger(output / "log.csv", resume=snapshot is not None)
+    logger = CsvLogger(output / "log.csv", resume=snapshot is not None) if writes else _NoLog()
     if snapshot is not None:
         state, pretrained_metrics = _restore(snapshot, learner, rng, generator, sampler)
         logger.rows = [r for r in logger.rows if int(r["update"]) <= state["update"]]  # drop rows after the state
@@ -164,15 +183,14 @@ def finetune(
     else:
         pretrained_metrics = validate()
         state["best"] = pretrained_metrics["valid"][settings.select_metric]
-        save_checkpoint(output, finetuned, config, data, metrics=_record(pretrained_metrics, 0, config),
-                        extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
+        save_best(pretrained_metrics, 0)
         logger.log({"update": 0, **_flat(pretrained_metrics), "seconds": 0.0})
-        _snapshot(output / STATE_DIR, learner, rng, generator, sampler, state, pretrained_metrics)
+        snapshot_now()
     log(f"pretrained: valid {settings.select_metric} {pretrained_metrics['valid'][settings.select_metric]:.4f}")
 
     start = time.perf_counter() - state["elapsed"]
     bar = tqdm(total=settings.max_updates, initial=state["update"], desc=f"finetune[{settings.agent}]",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and writes), dynamic_ncols=True)
     stop_reason = "max_updates"
     while state["update"] < settings.max_updates:
         if settings.std_mode == "scheduled":
@@ -189,19 +207,19 @@ def finetune(
         state["update"] += 1
         elapsed = time.perf_counter() - start
         out_of_time = settings.time_budget_s is not None and elapsed > settings.time_budget_s
+        out_of_time = distributed.broadcast_object(out_of_time)  # every rank stops at the same update
         if state["update"] % settings.eval_every == 0 or out_of_time or state["update"] == settings.max_updates:
             metrics = validate()
             row.update(_flat(metrics))
             score = metrics["valid"][settings.select_metric]
             if score > state["best"]:
                 state.update(best=score, best_update=state["update"], stale=0)
-                save_checkpoint(output, finetuned, config, data, metrics=_record(metrics, state["update"], config),
-                                extra={"finetune": settings.to_dict(), "pretrained_from": str(pretrained)})
+                save_best(metrics, state["update"])
             else:
                 state["stale"] += 1
             bar.set_postfix(valid=f"{score:.4f}", best=f"{state['best']:.4f}@{state['best_update']}")
             state["elapsed"] = time.perf_counter() - start
-            _snapshot(output / STATE_DIR, learner, rng, generator, sampler, state, pretrained_metrics)
+            snapshot_now()
             if state["stale"] >= settings.patience:
                 stop_reason = "patience"
         row["seconds"] = time.perf_counter() - start
@@ -213,27 +231,40 @@ def finetune(
             break
     bar.close()
     seconds = time.perf_counter() - start
+    distributed.barrier()  # rank 0 has written the best checkpoint
     best_model, _ = load_checkpoint(output, data, device=device)
     best_metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     log(f"fine-tuning stopped ({stop_reason}) after {state['update']} updates, {seconds:.0f} s; best valid "
         f"{settings.select_metric} {state['best']:.4f} at update {state['best_update']}")
     if report_test:
         best_metrics = {**best_metrics, **validate(best_model, "test")}
-        write_json_atomic(output / "metrics.json", _record(best_metrics, state["best_update"], config))
-    plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
-                                        f"valid_{settings.select_metric}"],
-                output / "curves.png", title=f"fine-tuning ({settings.agent})")
-    shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
-    write_json_atomic(output / "results.json", {
-        "agent": settings.agent, "sees": agent_class(settings.agent).information(settings), "seed": config.seed,
-        "versions": package_versions(), "config": config.to_dict(),
-        "env": core.config(), "pretrained_from": str(pretrained), "pretrained_metrics": pretrained_metrics,
-        "best_metrics": best_metrics, "best_update": state["best_update"], "updates": state["update"],
-        "seconds": seconds, "stop_reason": stop_reason,
-    })
-    run.finish(best_update=state["best_update"], updates=state["update"], stop_reason=stop_reason)
+    if writes:
+        if report_test:
+            write_json_atomic(output / "metrics.json", _record(best_metrics, state["best_update"], config))
+        plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
+                                            f"valid_{settings.select_metric}"],
+                    output / "curves.png", title=f"fine-tuning ({settings.agent})")
+        shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
+        write_json_atomic(output / "results.json", {
+            "agent": settings.agent, "sees": agent_class(settings.agent).information(settings), "seed": config.seed,
+            "versions": package_versions(), "config": config.to_dict(), "processes": distributed.world,
+            "env": core.config(), "pretrained_from": str(pretrained), "pretrained_metrics": pretrained_metrics,
+            "best_metrics": best_metrics, "best_update": state["best_update"], "updates": state["update"],
+            "seconds": seconds, "stop_reason": stop_reason,
+        })
+        run.finish(best_update=state["best_update"], updates=state["update"], stop_reason=stop_reason)
+    distributed.barrier()
     return FinetuneResult(best_model, pretrained_metrics, best_metrics, state["best_update"], state["update"],
                           seconds, logger.rows)
+
+
+class _NoLog:
+    """The log of a process that does not write (data-parallel ranks other than 0)."""
+
+    rows: list = []
+
+    def log(self, row: dict) -> None:
+        pass
 
 
 def _stopped(problem, state: dict, output: Path) -> TrainingError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,8 +19,14 @@ from refit_gym.errors import ConfigError, RefitGymError
 from refit_gym.runtime import tune_cpu_runtime
 
 
+def _main_process() -> bool:
+    """Not a data-parallel rank other than 0 (under torchrun only rank 0 reports)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if _main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def _load_data(dataset: str, data_dir: Optional[str]):
@@ -88,7 +95,8 @@ def _write_topk(path: str, top_items: np.ndarray) -> None:
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    if _main_process():
+        print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- commands

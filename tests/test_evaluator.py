@@ -230,3 +230,20 @@ def test_bad_inputs_raise_library_errors():
     other = FixedScores(data.n_users, data.n_items + 1)
     with pytest.raises(DataError, match="scores 41 items but tiny has 40"):
         evaluate(other, data, ks=(10,))
+
+
+@pytest.mark.parametrize("average_over", ["all", "nonempty"])
+def test_user_shards_combine_to_the_whole_evaluation(average_over):
+    from refit_gym.evaluation.evaluator import combine_shards
+
+    data = tiny_data(seed=4)
+    rec = FixedScores(data.n_users, data.n_items, seed=4)
+    whole = evaluate(rec, data, ks=(5, 10), average_over=average_over).metrics
+    shards = [evaluate(rec, data, ks=(5, 10), average_over=average_over, users=users, batch_size=4)
+              for users in (range(0, 9), range(9, 17), range(17, data.n_users))]
+    combined = combine_shards(shards)
+    for split in whole:
+        assert combined[split] == pytest.approx(whole[split], abs=1e-12)
+    assert sum(r.n_users for r in shards) == data.n_users
+    with pytest.raises(ConfigError, match="contiguous range"):
+        evaluate(rec, data, ks=(10,), users=range(0, 100))

@@ -66,15 +66,15 @@ def test_checkpoint_round_trip_reproduces_the_metrics(data, trained):
 
 
 def test_test_is_sealed_unless_reported_once_at_the_end(data, trained, tmp_path, monkeypatch):
-    from refit_gym.training import pretrain as pretrain_module
+    from refit_gym.evaluation import evaluator
 
     result, output, config = trained
     assert set(result.best_metrics) == {"valid"}
     assert set(json.loads((output / "metrics.json").read_text())["metrics"]) == {"valid"}
     assert not any(column.startswith("test") for column in (output / "log.csv").read_text().splitlines()[0].split(","))
     calls = []
-    real = pretrain_module.evaluate
-    monkeypatch.setattr(pretrain_module, "evaluate", lambda *a, **k: calls.append(k["splits"]) or real(*a, **k))
+    real = evaluator.evaluate
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: calls.append(k["splits"]) or real(*a, **k))
     short = config_from_dict({**SMALL, "pretrain": {**SMALL["pretrain"], "max_epochs": 10, "min_epochs": 10}})
     reported = pretrain(short, data, output_dir=tmp_path, progress=False, log=lambda _: None, report_test=True)
     assert calls.count(("test",)) == 1 and calls[-1] == ("test",) and all(c == ("valid",) for c in calls[:-1])

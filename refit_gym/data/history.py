@@ -64,6 +64,11 @@ class HistoryBatch:
         """``(B,)`` int64: the number of visible positions of each row."""
         return self.visible.sum(1)
 
+    def select(self, rows: range | torch.Tensor) -> "HistoryBatch":
+        """The batch of the given rows (a range: this process's shard of a data-parallel batch)."""
+        index = slice(rows.start, rows.stop) if isinstance(rows, range) else rows
+        return replace(self, users=self.users[index], items=self.items[index], visible=self.visible[index])
+
     def hide(self, positions: torch.Tensor) -> "HistoryBatch":
         """A copy with the ``(B, L)`` bool ``positions`` no longer visible."""
         return replace(self, visible=self.visible & ~positions)

@@ -200,6 +200,10 @@ class DenoisingMDP:
         action_bound: actions are validated, then clipped to ``[-action_bound, action_bound]``;
             the state ``x_t`` is kept in the same range.
         device: where every tensor lives.
+        row_window: ``(offset, global_batch)``: these ``batch_size`` rows are rows
+            ``offset .. offset + batch_size - 1`` of a batch of ``global_batch`` split over
+            processes (data-parallel training): every random draw is made for the global batch
+            and sliced, so a row's randomness does not depend on how the batch is split.
 
     Raises:
         ConfigError: a parameter out of range (the message names it and the value).
@@ -222,6 +226,7 @@ class DenoisingMDP:
         noise_steps: Optional[int] = None,
         action_bound: float = DEFAULT_ACTION_BOUND,
         device: torch.device | str = "cpu",
+        row_window: Optional[tuple[int, int]] = None,
     ) -> None:
         if not isinstance(model, BaseModel):
             raise ConfigError(f"model must be a refit_gym.models.BaseModel, got {type(model).__name__}")
@@ -241,6 +246,9 @@ class DenoisingMDP:
         diffusion = model.diffusion
         self.steps = int(diffusion.steps)
         self.batch_size = _check_int("batch_size", batch_size, 1, 2**31 - 1)
+        self.row_offset, self.global_batch = (0, self.batch_size) if row_window is None else row_window
+        if not 0 <= self.row_offset <= self.global_batch - self.batch_size:
+            raise ConfigError(f"row_window {row_window} does not hold a batch of {self.batch_size} rows")
         self.action_mode = _check_choice("action_mode", action_mode, ACTION_MODES)
         self.exposed_steps = self.steps if exposed_steps is None else _check_int(
             "exposed_steps", exposed_steps, 1, self.steps
@@ -292,7 +300,7 @@ class DenoisingMDP:
         self._histories = SequenceTable(interactions.train_sequences, self.n_items, self.device)
 
         self._generator = torch.Generator(device=self.device)
-        self._noise_buffer = torch.empty(self.batch_size, self.width, device=self.device)
+        self._noise_buffer = torch.empty(self.global_batch, self.width, device=self.device)
         self._product_buffer = torch.empty(self.batch_size, self.state_dim, device=self.device)
         self._episode_seed: Optional[int] = None
         self._step_count = 0
@@ -361,7 +369,8 @@ class DenoisingMDP:
         """``(B, state_dim)`` normals ``N(0, std^2)`` of draw ``(stream, step)``; row i is row i of every batch size."""
         generator = self._seeded(stream, step)
         # a scratch buffer: every caller consumes the noise at once (and never keeps it)
-        return self._noise_buffer.normal_(0.0, std, generator=generator)[:, : self.state_dim]
+        noise = self._noise_buffer.normal_(0.0, std, generator=generator)
+        return noise[self.row_offset : self.row_offset + self.batch_size, : self.state_dim]
 
     # ------------------------------------------------------------------ reset
     def reset(
@@ -433,7 +442,8 @@ class DenoisingMDP:
 
     def _choose_users(self, users, rows: Optional[np.ndarray], n_rows: int) -> np.ndarray:
         if users is None:
-            drawn = np.random.default_rng(self._episode_seed).integers(0, self.n_users, size=self.batch_size)
+            drawn = np.random.default_rng(self._episode_seed).integers(0, self.n_users, size=self.global_batch)
+            drawn = drawn[self.row_offset : self.row_offset + self.batch_size]
             return drawn if rows is None else drawn[rows]
         if isinstance(users, torch.Tensor):
             users = users.detach().cpu().numpy()
@@ -470,7 +480,8 @@ class DenoisingMDP:
             return history.visible & (history.visible_rank() >= first_hidden.unsqueeze(1))
         generator = self._seeded(_HOLDOUT)
         width = padded_width(self.n_items)
-        keys = torch.rand(self.batch_size, width, generator=generator, device=self.device)[:, : self.n_items]
+        keys = torch.rand(self.global_batch, width, generator=generator, device=self.device)
+        keys = keys[self.row_offset : self.row_offset + self.batch_size, : self.n_items]
         keys = self._select(keys, rows)
         items = history.item_mask()
         keys = torch.where(items, keys, torch.full_like(keys, 2.0))

@@ -231,6 +231,7 @@ def evaluate(
     *,
     protocol: Union[str, EvaluationProtocol, None] = None,
     average_over: str = "all",
+    users: Optional[range] = None,
 ) -> EvaluationResult:
     """Rank all items for every user and average the top-K metrics per split.
 
@@ -249,6 +250,9 @@ def evaluate(
             recommender's own ``protocol`` attribute, else ``"cf"``.
         average_over: ``"all"`` (DiffRec: users with an empty ground truth count with 0) or
             ``"nonempty"``.
+        users: evaluate only this contiguous range of users (one process's shard of a
+            distributed evaluation; ``extras["counts"]`` gives the denominators to combine the
+            shards' means, see :func:`combine_shards`). Default: every user.
     """
     splits = _check_splits(splits)
     ks = check_ks(ks)
@@ -284,14 +288,17 @@ def evaluate(
         else None
     )
 
-    starts = range(0, n_users, batch_size)
+    user_range = range(n_users) if users is None else users
+    if user_range.step != 1 or user_range.start < 0 or user_range.stop > n_users:
+        raise ConfigError(f"users must be a contiguous range within [0, {n_users}), got {users!r}")
+    starts = range(user_range.start, user_range.stop, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"evaluate {data.name}", unit="batch")
     with torch.no_grad():
         for start in starts:
-            stop = min(start + batch_size, n_users)
+            stop = min(start + batch_size, user_range.stop)
             users = torch.arange(start, stop, dtype=torch.long, device=device or "cpu")
             for group, table in zip(groups, tables):
                 scores = recommender.score(table.batch(users))
@@ -319,7 +326,21 @@ def evaluate(
         ks=ks,
         protocol=protocol.name,
         average_over=average_over,
-        n_users=n_users,
+        n_users=len(user_range),
         dataset=data.name,
-        extras={"mask_history": protocol.mask_history} if protocol.name == "sequential" else {},
+        extras={"counts": {split: {"all": accumulators[split].n_users, "nonempty": accumulators[split].n_nonempty}
+                           for split in splits},
+                **({"mask_history": protocol.mask_history} if protocol.name == "sequential" else {})},
     )
+
+
+def combine_shards(results: list[EvaluationResult]) -> dict[str, dict[str, float]]:
+    """The metrics of the union of disjoint user shards (each shard's mean weighted by its denominator)."""
+    first = results[0]
+    out: dict[str, dict[str, float]] = {}
+    for split, metrics in first.metrics.items():
+        weights = [r.extras["counts"][split][first.average_over] for r in results]
+        total = sum(weights)
+        out[split] = {key: (sum(r.metrics[split][key] * w for r, w in zip(results, weights) if w) / total
+                            if total else float("nan")) for key in metrics}
+    return out

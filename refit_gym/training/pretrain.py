@@ -34,6 +34,7 @@ from refit_gym.data.history import SequenceTable
 from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 from refit_gym.models import BaseModel, build_model
 from refit_gym.errors import TrainingError
+from refit_gym.training.distributed import Distributed, init_distributed, local_device
 from refit_gym.training.run_folder import RunFolder
 from refit_gym.training.run_log import CsvLogger, plot_curves
 from refit_gym.training.state import load_snapshot, restore_rng, rng_tensors, save_snapshot
@@ -97,14 +98,21 @@ def pretrain(
     """
     settings = config.pretrain
     device = resolve_device(config.device)
+    distributed = init_distributed(device)
+    device = local_device(device)
     output = Path(output_dir) if output_dir is not None else None
     run = None
     if output is not None:
         run = RunFolder.claim(output, "pretrain", {**config.to_dict(), "init_from": str(init_from)},
-                              resume=resume, overwrite=overwrite)
+                              resume=resume, overwrite=overwrite, distributed=distributed)
         if run.finished:
             return _finished_result(output, data, report_test, log)
-    generator = seed_everything(config.seed)
+    writes = output is not None and distributed.main  # rank 0 writes checkpoints, logs and snapshots
+    generator = seed_everything(config.seed)  # the data order: the same on every rank
+    noise = generator  # timesteps and noise: one stream per rank when data-parallel
+    if distributed.active:
+        torch.manual_seed(config.seed + 7919 * distributed.rank)  # dropout
+        noise = torch.Generator().manual_seed(config.seed + 7919 * distributed.rank)
     model = build_model(config.model, config.diffusion, data, device=device)
     if init_from is not None:
         from refit_gym.checkpoint import load_checkpoint
@@ -114,10 +122,12 @@ def pretrain(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     table = SequenceTable(data.train_sequences, data.n_items, device)
     protocol = protocol_from_config(config.evaluation, model)
+    training_loss = distributed.wrap(_TrainingLoss(model))
+    shared_sampler = GatheredTimestepSampler(sampler, distributed)
 
     def validate(split: str = "valid") -> dict[str, dict[str, float]]:
-        return evaluate(model, data, splits=(split,), ks=config.evaluation.ks,
-                        batch_size=config.evaluation.batch_size, device=device, protocol=protocol).metrics
+        return distributed.evaluate(model, data, splits=(split,), ks=config.evaluation.ks,
+                                    batch_size=config.evaluation.batch_size, device=device, protocol=protocol)
 
     state = {"epoch": 0, "best_valid": -math.inf, "best_epoch": 0, "best_metrics": {}, "stale": 0, "decays": 0,
              "elapsed": 0.0, "seconds_to_best": 0.0}
@@ -131,32 +141,38 @@ def pretrain(
         sampler.load_state_dict(_prefixed(tensors, "sampler."))
         optimizer.load_state_dict(optimizer_state)
         generator.set_state(tensors["generator"])
-        restore_rng(tensors)
+        rank = f"rank{distributed.rank}."
+        restore_rng(_prefixed(tensors, rank) or tensors)
+        if noise is not generator:
+            noise.set_state(tensors[f"{rank}noise"])
         history = state.pop("history")
         log(f"resumed {output} after epoch {state['epoch']} (best valid {state['best_valid']:.4f} at epoch "
             f"{state['best_epoch']})")
     elif run is not None and run.resumed:
         log(f"{output}: the run had not finished an epoch; starting it again from the beginning")
-    logger = CsvLogger(output / "log.csv", resume=snapshot is not None) if output is not None else None
+    logger = CsvLogger(output / "log.csv", resume=snapshot is not None) if writes else None
     if logger is not None and snapshot is not None:
         logger.rows = [r for r in logger.rows if int(r["epoch"]) <= state["epoch"]]  # drop rows after the snapshot
     if snapshot is None and init_from is not None:  # the start competes too: continued training never selects worse
         model.eval()
         state["best_metrics"] = validate()
         state["best_valid"] = state["best_metrics"]["valid"][settings.select_metric]
-        if output is not None:
+        if writes:
             save_checkpoint(output, model, config, data, metrics=_record(state["best_metrics"], 0, config))
     if best_state is None:
         best_state = copy.deepcopy(model.state_dict())
     start = time.perf_counter() - state["elapsed"]
-    epochs = tqdm(range(state["epoch"] + 1, settings.max_epochs + 1), desc="pretrain", disable=not progress,
-                  dynamic_ncols=True, initial=state["epoch"], total=settings.max_epochs)
+    epochs = tqdm(range(state["epoch"] + 1, settings.max_epochs + 1), desc="pretrain",
+                  disable=not (progress and distributed.main), dynamic_ncols=True, initial=state["epoch"],
+                  total=settings.max_epochs)
     epoch = state["epoch"]
     for epoch in epochs:
         model.train()
         total, batches = 0.0, 0
         for batch in model.training_batches(table, settings.batch_size, generator):
-            loss = model.training_loss(batch, sampler, reweight=config.diffusion.reweight, generator=generator)
+            if distributed.active:
+                batch = batch.select(distributed.shard(batch.batch_size))
+            loss = training_loss(batch, shared_sampler, config.diffusion.reweight, noise)
             if not torch.isfinite(loss):
                 where = f"; the last good checkpoint (epoch {state['best_epoch']}) is intact in {output}" if output else ""
                 raise TrainingError(f"pretraining {config.model.name}: the loss became {float(loss)} in epoch {epoch} "
@@ -165,12 +181,14 @@ def pretrain(
             loss.backward()
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
-        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / batches}
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                               "train_loss": distributed.mean({"loss": total / batches})["loss"]}
         if epoch == state["epoch"] + 1 and snapshot is None:
             per_epoch = time.perf_counter() - start
             log(f"epoch 1 took {per_epoch:.0f} s: at most {settings.max_epochs} epochs (~{per_epoch * settings.max_epochs / 60:.0f} "
                 "min plus evaluations); a validation plateau usually stops it much earlier")
         out_of_time = settings.time_budget_s is not None and time.perf_counter() - start > settings.time_budget_s
+        out_of_time = distributed.broadcast_object(out_of_time)  # every rank stops after the same epoch
         if epoch % settings.eval_every == 0 or epoch == settings.max_epochs or out_of_time:
             model.eval()
             metrics = validate()
@@ -180,7 +198,7 @@ def pretrain(
                 state.update(best_valid=valid, best_epoch=epoch, best_metrics=metrics, stale=0,
                              seconds_to_best=time.perf_counter() - start)
                 best_state = copy.deepcopy(model.state_dict())
-                if output is not None:
+                if writes:
                     save_checkpoint(output, model, config, data, metrics=_record(metrics, epoch, config))
             else:
                 state["stale"] += 1
@@ -204,13 +222,16 @@ def pretrain(
         if logger is not None:
             logger.log(row)
         evaluated = any(key.startswith("valid_") for key in row)
-        if logger is not None and (evaluated or row.get("event")):  # a killed run resumes from its last evaluation
-            save_snapshot(output / STATE_DIR, epoch, {
-                **{f"model.{k}": v for k, v in model.state_dict().items()},
-                **{f"best.{k}": v for k, v in best_state.items()},
-                **{f"sampler.{k}": v for k, v in sampler.state_dict().items()},
-                "generator": generator.get_state(), **rng_tensors(),
-            }, {**state, "history": history}, optimizer.state_dict())
+        if output is not None and (evaluated or row.get("event")):  # a killed run resumes from its last evaluation
+            ranks = distributed.all_gather_objects({**rng_tensors(), "noise": noise.get_state()})
+            if writes:
+                save_snapshot(output / STATE_DIR, epoch, {
+                    **{f"model.{k}": v for k, v in model.state_dict().items()},
+                    **{f"best.{k}": v for k, v in best_state.items()},
+                    **{f"sampler.{k}": v for k, v in sampler.state_dict().items()},
+                    "generator": generator.get_state(), **rng_tensors(),
+                    **{f"rank{r}.{k}": v for r, states in enumerate(ranks) for k, v in states.items()},
+                }, {**state, "history": history}, optimizer.state_dict())
         if row.get("event", "").startswith("stop") or out_of_time:
             break
     seconds = time.perf_counter() - start
@@ -221,14 +242,15 @@ def pretrain(
         f"({epoch} epochs, {seconds:.0f} s; best reached after {state['seconds_to_best']:.0f} s)")
     if report_test:
         best_metrics = {**best_metrics, **validate("test")}
-    if output is not None:
+    if writes:
         plot_curves(history, "epoch", ["train_loss", f"valid_{settings.select_metric}"],
                     output / "curves.png", title=f"pretraining {config.name}")
         record = _record(best_metrics, best_epoch, config)
         record.update({"epochs_run": epoch, "seconds": seconds, "seconds_to_best": state["seconds_to_best"]})
         write_json_atomic(output / METRICS_FILE, record)
         shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
-        run.finish(best_epoch=best_epoch, epochs_run=epoch, seconds=seconds)
+        run.finish(best_epoch=best_epoch, epochs_run=epoch, seconds=seconds, processes=distributed.world)
+    distributed.barrier()
     return PretrainResult(model, best_epoch, best_valid, best_metrics, epoch, seconds, state["seconds_to_best"],
                           history)
 
@@ -249,6 +271,35 @@ def _finished_result(output: Path, data: InteractionData, report_test: bool, log
     log(f"{output} had already finished (best epoch {record['best_epoch']}); nothing to resume")
     return PretrainResult(model, record["best_epoch"], metrics["valid"][config.pretrain.select_metric], metrics,
                           record.get("epochs_run", 0), record.get("seconds", 0.0), record.get("seconds_to_best", 0.0))
+
+
+class _TrainingLoss(torch.nn.Module):
+    """The model's training loss as a module forward (what ``DistributedDataParallel`` wraps)."""
+
+    def __init__(self, model: BaseModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, sampler, reweight: bool, generator: torch.Generator) -> torch.Tensor:
+        return self.model.training_loss(batch, sampler, reweight=reweight, generator=generator)
+
+
+class GatheredTimestepSampler:
+    """A :class:`TimestepSampler` whose loss history is updated with every rank's losses (in rank
+    order), so the importance distribution is the same on every rank (data-parallel pretraining)."""
+
+    def __init__(self, sampler: TimestepSampler, distributed: Distributed) -> None:
+        self.sampler, self.distributed = sampler, distributed
+
+    def sample(self, batch_size: int, device: torch.device | str = "cpu",
+               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.sample(batch_size, device, generator)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        if not self.distributed.active:
+            return self.sampler.update(t, losses)
+        gathered = self.distributed.all_gather_objects((t.detach().cpu(), losses.detach().cpu()))
+        self.sampler.update(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]))
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -81,14 +81,28 @@ class RunFolder:
 
     @classmethod
     def claim(cls, path: str | Path, kind: str, config: dict[str, Any], resume: bool = False,
-              overwrite: bool = False) -> "RunFolder":
+              overwrite: bool = False, distributed: Any = None) -> "RunFolder":
         """Check the rules for ``path`` and write its ``run.json`` (status ``running``).
+
+        Data-parallel (``distributed``, a :class:`~refit_gym.training.distributed.Distributed`),
+        rank 0 claims the folder and every rank gets its verdict, or the same error.
 
         Raises:
             ConfigError: the folder holds a run and neither ``resume`` nor ``overwrite`` is
                 given; ``resume`` with a different kind or config (the differences are named)
                 or with no run to resume; ``overwrite`` of a folder that holds no refit-gym run.
         """
+        if distributed is not None and distributed.active:
+            outcome: Any = None
+            if distributed.main:
+                try:
+                    outcome = cls.claim(path, kind, config, resume, overwrite)
+                except ConfigError as error:
+                    outcome = error
+            outcome = distributed.broadcast_object(outcome)
+            if isinstance(outcome, ConfigError):
+                raise outcome
+            return outcome
         path, config, record = cls.check(path, kind, config, resume, overwrite)
         if overwrite and record is not None:
             for child in path.iterdir():
