@@ -88,6 +88,10 @@ class FinetuneConfig:
     advantage_clip: float = 5.0
     """Normalised advantages are clipped to +- this."""
 
+    precision: str = "fp32"
+    """``fp32`` or ``bf16``: autocast of the updates' matrix products (rollouts and losses); the
+    env's states, rewards and the optimiser stay float32."""
+
     # --- the run -------------------------------------------------------------------------------
     max_updates: int = 2000
     """Hard cap on updates."""
@@ -111,6 +115,7 @@ CHOICES = {
     "std_mode": ("fixed", "learned", "scheduled"),
     "log_prob_reduction": ("sum", "mean"),
     "categorical_reward": ("importance", "hit"),
+    "precision": ("fp32", "bf16"),
 }
 
 

@@ -80,6 +80,7 @@ def run_main_job(
 
     def evaluate_final(recommender) -> dict[str, dict[str, float]]:
         return evaluate(recommender, data, splits=splits, ks=config.evaluation.ks, protocol=protocol,
+                        precision=config.evaluation.precision,
                         batch_size=config.evaluation.batch_size, device=device).metrics
 
     rows: dict[str, dict[str, dict[str, float]]] = {}

@@ -42,6 +42,7 @@ from refit_gym.models.base import BaseModel
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import TrainingInteractions
 from refit_gym.errors import TrainingError
+from refit_gym.runtime import autocast
 from refit_gym.training.distributed import Distributed, init_distributed, local_device
 from refit_gym.training.run_folder import RunFolder
 from refit_gym.training.run_log import CsvLogger, plot_curves
@@ -162,7 +163,8 @@ def finetune(
 
     def validate(model=finetuned, split: str = "valid") -> dict[str, dict[str, float]]:
         return distributed.evaluate(model, data, splits=(split,), ks=config.evaluation.ks, protocol=protocol,
-                                    batch_size=config.evaluation.batch_size, device=device)
+                                    batch_size=config.evaluation.batch_size, device=device,
+                                    precision=config.evaluation.precision)
 
     def save_best(metrics, update: int) -> None:
         if writes:
@@ -198,7 +200,8 @@ def finetune(
             policy.set_log_std(settings.log_std_init + fraction * (settings.log_std_final - settings.log_std_init))
         users = sampler.next(rng)
         try:
-            row = {"update": state["update"] + 1, **learner.update(users, rng, generator)}
+            with autocast(settings.precision, device):
+                row = {"update": state["update"] + 1, **learner.update(users, rng, generator)}
         except TrainingError as error:
             raise _stopped(error, state, output) from None
         bad = sorted(k for k, v in row.items() if k.startswith("loss") and not math.isfinite(v))

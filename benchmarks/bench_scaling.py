@@ -35,21 +35,23 @@ from refit_gym.models import build_model
 ML1M_USERS, ML1M_ITEMS = 5949, 2810
 
 
-def build(n_users: int, n_items: int, config) -> tuple:
+def build(n_users: int, n_items: int, config, device: torch.device) -> tuple:
     data = make_synthetic(n_users=n_users, n_items=n_items, density=0.03, seed=0)
-    model = build_model(config.model, config.diffusion, data).eval()
+    model = build_model(config.model, config.diffusion, data, device=device).eval()
     start = time.perf_counter()
-    agent = build_learner(finetune_config(config.finetune), model, data)
+    agent = build_learner(finetune_config(config.finetune), model, data, device=device)
     return data, agent, time.perf_counter() - start  # building = mostly the collaborative reward's bind
 
 
 def time_updates(agent, n_users: int, updates: int, seed: int) -> list[float]:
-    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    rng, generator = np.random.default_rng(seed), torch.Generator(device=agent.core.device).manual_seed(seed)
     times = []
     for _ in range(updates):
         users = rng.choice(n_users, size=agent.config.users_per_batch, replace=False)
         start = time.perf_counter()
         agent.update(users, rng, generator)
+        if agent.core.device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times
 
@@ -66,13 +68,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the benchmark)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--axes", default="users,items", help="which sizes to vary: users, items or both")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-heap-allocator", action="store_true",
                         help="keep glibc's default mmap policy for large tensors (see refit_gym/runtime.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = tune_cpu_runtime(heap_allocator=False if args.no_heap_allocator else None)
-    config = load_config(args.config, {"device": "cpu"})
+    config = load_config(args.config, {"device": args.device})
+    device = torch.device(args.device)
     factors = [0.1, 0.25, 0.5, 1.0] if args.quick else [1.0, 2.5, 5.0, 10.0]
     axes = args.axes.split(",")
     cases = [("users", int(ML1M_USERS * f), ML1M_ITEMS) for f in factors] if "users" in axes else []
@@ -81,7 +85,7 @@ def main() -> None:
     for case in cases:
         _, n_users, n_items = case
         if (n_users, n_items) not in built:
-            data, agent, bind = build(n_users, n_items, config)
+            data, agent, bind = build(n_users, n_items, config, device)
             built[(n_users, n_items)] = (data, agent)
             binds[(n_users, n_items)] = bind
             time_updates(agent, data.n_users, 1, seed=99)  # warm-up
@@ -91,7 +95,7 @@ def main() -> None:
             data, agent = built[case[1:]]
             times[case] += time_updates(agent, data.n_users, args.updates, seed=round_)
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
-    report = {"threads": torch.get_num_threads(), "users_per_update": 128 * 4, "steps": config.diffusion.steps,
+    report = {"device": str(device), "threads": torch.get_num_threads(), "users_per_update": 128 * 4, "steps": config.diffusion.steps,
               "runtime": runtime, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     for axis in axes:
         rows = [(case, statistics.median(times[case])) for case in cases if case[0] == axis]

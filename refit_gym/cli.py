@@ -133,6 +133,7 @@ def cmd_evaluate(args) -> int:
              "interrupted, or is still going); these are the metrics of its best checkpoint so far. Resume it with "
              "--resume")
     result = evaluate(model, data, splits=(args.split,), ks=config.evaluation.ks, batch_size=config.evaluation.batch_size,
+                      precision=config.evaluation.precision,
                       protocol=protocol_from_config(config.evaluation, model),
                       device=device, export_topk=args.k if args.export_topk else None, progress=not args.no_progress)
     if args.export_topk:

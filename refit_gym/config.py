@@ -104,6 +104,8 @@ class EvaluationConfig:
     mask_history: Optional[bool] = None
     """Exclude items seen before the split from the ranking; default: True for ``cf``, False for
     ``sequential`` (DiffuRec ranks history items too)."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (autocast of the scoring chain's matrix products; see docs/reliability)."""
 
 
 @dataclass

@@ -55,3 +55,21 @@ def tune_cpu_runtime(heap_allocator: bool | None = None) -> dict[str, bool]:
     if heap_allocator is None:
         heap_allocator = os.environ.get("REFIT_GYM_HEAP_ALLOCATOR", "1").strip().lower() not in {"0", "false", "no", "off"}
     return {"flush_denormal": flushing, "heap_allocator": use_heap_for_large_tensors() if heap_allocator else False}
+
+
+PRECISIONS = ("fp32", "bf16")
+"""Compute precisions of the chain and the agents: ``fp32`` (default), or ``bf16`` autocast
+(matrix products in bfloat16; states, rewards and metrics stay float32)."""
+
+
+def autocast(precision: str, device: torch.device | str):
+    """A context computing under ``precision`` on ``device``'s type (``fp32``: nothing changes)."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        from refit_gym.errors import ConfigError
+
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

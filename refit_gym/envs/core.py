@@ -39,6 +39,7 @@ from refit_gym.data.interactions import TrainingInteractions, UserSequences, pai
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError, RewardError
 from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping
+from refit_gym.runtime import PRECISIONS, autocast
 
 ACTION_MODES = ("x0", "x_prev")
 HOLDOUT_MODES = ("recent", "random", "none")
@@ -204,6 +205,8 @@ class DenoisingMDP:
             ``offset .. offset + batch_size - 1`` of a batch of ``global_batch`` split over
             processes (data-parallel training): every random draw is made for the global batch
             and sliced, so a row's randomness does not depend on how the batch is split.
+        precision: ``fp32``, or ``bf16``: the base model's hidden prefix and the reward's item
+            scores run under bfloat16 autocast (states, actions and rewards stay float32).
 
     Raises:
         ConfigError: a parameter out of range (the message names it and the value).
@@ -227,6 +230,7 @@ class DenoisingMDP:
         action_bound: float = DEFAULT_ACTION_BOUND,
         device: torch.device | str = "cpu",
         row_window: Optional[tuple[int, int]] = None,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, BaseModel):
             raise ConfigError(f"model must be a refit_gym.models.BaseModel, got {type(model).__name__}")
@@ -265,6 +269,7 @@ class DenoisingMDP:
         self.transition_std = None if transition_std is None else _check_number(
             "transition_std", transition_std, 0.0, 3.0e38
         )
+        self.precision = _check_choice("precision", precision, PRECISIONS)
 
         frozen = frozen_copy(model)
         if frozen.device != self.device:  # never move the caller's (possibly shared) model
@@ -355,6 +360,7 @@ class DenoisingMDP:
             "holdout_fraction": self.holdout_fraction,
             "noise_steps": self.noise_steps,
             "action_bound": self.action_bound,
+            "precision": self.precision,
             "batch_size": self.batch_size,
             "device": str(self.device),
             "reward": reward_config,
@@ -500,10 +506,11 @@ class DenoisingMDP:
         needs_noise = inputs.start is None or self.noise_steps > 0
         noise = self._select(self._normal(_INITIAL_NOISE), rows) if needs_noise else None
         x = self.model.start_state(inputs, noise, self.noise_steps)
-        for t in range(self.steps - 1, self.exposed_steps - 1, -1):
-            x = self.model.reverse_mean(x, t, **context)
-            if self.stochastic_prefix and self._prefix_std[t] > 0:
-                x = x + float(self._prefix_std[t]) * self._select(self._normal(_PREFIX_NOISE, t), rows)
+        with autocast(self.precision, self.device):
+            for t in range(self.steps - 1, self.exposed_steps - 1, -1):
+                x = self.model.reverse_mean(x, t, **context)
+                if self.stochastic_prefix and self._prefix_std[t] > 0:
+                    x = x.float() + float(self._prefix_std[t]) * self._select(self._normal(_PREFIX_NOISE, t), rows)
         return x.to(torch.float32).clamp(-self.action_bound, self.action_bound)
 
     # ------------------------------------------------------------------ observation
@@ -687,7 +694,8 @@ class DenoisingMDP:
         """Per-term values and the total reward of the rows that just ended."""
         episode = self.episode(rows)
         with torch.no_grad():
-            scores = self.model.item_scores(x0)
+            with autocast(self.precision, self.device):
+                scores = self.model.item_scores(x0).float()
             if hasattr(self.reward, "components") and hasattr(self.reward, "total"):
                 terms = dict(self.reward.components(scores, episode))
                 total = self.reward.total(terms, episode.batch_size)

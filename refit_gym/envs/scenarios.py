@@ -57,6 +57,8 @@ class EnvConfig:
     """Forward-noise the start vector to this step first (None: the model's own)."""
     action_bound: Optional[float] = None
     """Actions and states are clipped to +- this."""
+    precision: Optional[str] = None
+    """``fp32`` or ``bf16`` (autocast of the hidden prefix and the reward's scoring)."""
     pretrain_threads: Optional[int] = None
     """Intra-op threads while this scenario's base model is pretrained on first use (1 is
     fastest for tiny models on a busy machine); None = torch's default."""
@@ -67,7 +69,7 @@ class EnvConfig:
 
 
 CHAIN_KWARGS = ("action_mode", "exposed_steps", "stochastic_prefix", "transition_std", "holdout",
-                "holdout_fraction", "noise_steps", "action_bound")
+                "holdout_fraction", "noise_steps", "action_bound", "precision")
 """Keyword arguments of an env passed through to :class:`~refit_gym.envs.core.DenoisingMDP`."""
 
 

@@ -232,6 +232,7 @@ def evaluate(
     protocol: Union[str, EvaluationProtocol, None] = None,
     average_over: str = "all",
     users: Optional[range] = None,
+    precision: str = "fp32",
 ) -> EvaluationResult:
     """Rank all items for every user and average the top-K metrics per split.
 
@@ -253,7 +254,11 @@ def evaluate(
         users: evaluate only this contiguous range of users (one process's shard of a
             distributed evaluation; ``extras["counts"]`` gives the denominators to combine the
             shards' means, see :func:`combine_shards`). Default: every user.
+        precision: ``fp32``, or ``bf16`` to run ``score`` under bfloat16 autocast (the scores are
+            ranked in float32).
     """
+    from refit_gym.runtime import autocast
+
     splits = _check_splits(splits)
     ks = check_ks(ks)
     protocol = as_protocol(protocol, recommender)
@@ -301,7 +306,10 @@ def evaluate(
             stop = min(start + batch_size, user_range.stop)
             users = torch.arange(start, stop, dtype=torch.long, device=device or "cpu")
             for group, table in zip(groups, tables):
-                scores = recommender.score(table.batch(users))
+                with autocast(precision, device or "cpu"):
+                    scores = recommender.score(table.batch(users))
+                if scores.dtype in (torch.bfloat16, torch.float16):
+                    scores = scores.float()
                 check_scores(scores, stop - start, n_items)
                 if device is not None and scores.device != device:
                     scores = scores.to(device)

@@ -105,7 +105,10 @@ class DiffRecMLP(nn.Module):
         """
         out = self.out_layers[-1]
         start = torch.add(out.bias * coef1, x_t, alpha=coef2)
-        return start.addmm_(self.hidden(x_t, t), out.weight.t(), alpha=coef1)
+        hidden = self.hidden(x_t, t)
+        if hidden.dtype != start.dtype:  # under bf16 autocast: an out-of-place product (autocast casts it)
+            return torch.addmm(start, hidden, out.weight.t(), alpha=coef1).float()
+        return start.addmm_(hidden, out.weight.t(), alpha=coef1)
 
 
 @dataclass

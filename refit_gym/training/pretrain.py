@@ -127,7 +127,8 @@ def pretrain(
 
     def validate(split: str = "valid") -> dict[str, dict[str, float]]:
         return distributed.evaluate(model, data, splits=(split,), ks=config.evaluation.ks,
-                                    batch_size=config.evaluation.batch_size, device=device, protocol=protocol)
+                                    batch_size=config.evaluation.batch_size, device=device, protocol=protocol,
+                                    precision=config.evaluation.precision)
 
     state = {"epoch": 0, "best_valid": -math.inf, "best_epoch": 0, "best_metrics": {}, "stale": 0, "decays": 0,
              "elapsed": 0.0, "seconds_to_best": 0.0}
