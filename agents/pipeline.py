@@ -101,7 +101,6 @@ def run_main_job(
     rows[f"{config.model.name} + {config.finetune['agent']} fine-tuned"] = evaluate_final(result.model)
 
     table = results_table(rows, splits)
-    log("\n" + table)
     results = {
         "config": config.to_dict(),
         "data": data.summary(),

@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from agents import agent_class, build_agent
 from agents.config import FinetuneConfig, finetune_config
@@ -42,6 +41,8 @@ from refit_gym.models.base import BaseModel
 from refit_gym.rewards import build_reward
 from refit_gym.rewards.base import TrainingInteractions
 from refit_gym.errors import TrainingError
+from refit_gym.progress import interactive
+from refit_gym.progress import progress as progress_bar
 from refit_gym.runtime import autocast
 from refit_gym.training.distributed import Distributed, init_distributed, local_device
 from refit_gym.training.run_folder import RunFolder
@@ -191,8 +192,9 @@ def finetune(
     log(f"pretrained: valid {settings.select_metric} {pretrained_metrics['valid'][settings.select_metric]:.4f}")
 
     start = time.perf_counter() - state["elapsed"]
-    bar = tqdm(total=settings.max_updates, initial=state["update"], desc=f"finetune[{settings.agent}]",
-               disable=not (progress and writes), dynamic_ncols=True)
+    bar = progress_bar(total=settings.max_updates, initial=state["update"], desc=f"finetune[{settings.agent}]",
+                       enabled=progress and writes)
+    quiet_bar = progress and writes and not interactive()  # no bar: one line per evaluation
     stop_reason = "max_updates"
     while state["update"] < settings.max_updates:
         if settings.std_mode == "scheduled":
@@ -221,6 +223,10 @@ def finetune(
             else:
                 state["stale"] += 1
             bar.set_postfix(valid=f"{score:.4f}", best=f"{state['best']:.4f}@{state['best_update']}")
+            if quiet_bar:
+                log(f"update {state['update']}/{settings.max_updates}: valid {settings.select_metric} {score:.4f} "
+                    f"(best {state['best']:.4f} at update {state['best_update']}), "
+                    f"{time.perf_counter() - start:.0f} s")
             state["elapsed"] = time.perf_counter() - start
             snapshot_now()
             if state["stale"] >= settings.patience:

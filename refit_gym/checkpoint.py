@@ -114,7 +114,9 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a checkpoint directory."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a refit-gym checkpoint: {CONFIG_FILE} is missing")
+        inside = sorted(str(p.parent) for p in Path(directory).glob(f"*/{CONFIG_FILE}")) if Path(directory).is_dir() else []
+        hint = f"; the checkpoints inside it are {', '.join(inside)}" if inside else ""
+        raise CheckpointError(f"{directory} is not a refit-gym checkpoint: {CONFIG_FILE} is missing{hint}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -201,7 +201,10 @@ def cmd_run(args) -> int:
     config = _experiment(args)
     run_main_job(config, args.output, pretrained=args.pretrained, progress=not args.no_progress, log=_log,
                  report_test=args.report_test, resume=args.resume, overwrite=args.overwrite)
-    _log(f"results in {args.output}/results.json and results.md")
+    if _main_process():
+        print((Path(args.output) / "results.md").read_text(), end="")  # the table on stdout: `> table.md` keeps it
+    _log(f"results in {args.output}/results.json and results.md; the checkpoints are {args.output}/pretrained "
+         f"and {args.output}/finetuned (refit-gym evaluate --checkpoint ...)")
     return 0
 
 
@@ -218,7 +221,65 @@ def cmd_envs(args) -> int:
     from refit_gym.envs.registration import list_envs
 
     for env_id, description in list_envs():
-        print(f"{env_id:<24} {description}")
+        print(f"{env_id:<26} {description}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    """What an env is: its YAML, versions, base model, chain, spaces, reward and dataset."""
+    from refit_gym.envs.factory import build_env_parts
+    from refit_gym.envs.scenarios import scenario_for
+    from refit_gym.envs.spaces import single_action_space, single_observation_space
+
+    scenario = scenario_for(args.env_id)
+    config = scenario.experiment()
+    print(f"{scenario.env_id}: {scenario.description}")
+    print(f"  defined by   {scenario.path}")
+    for version in scenario.versions:
+        print(f"  version      {version}")
+    parts = build_env_parts(scenario.env_id, pretrained=False, data_dir=args.data_dir)  # no pretraining needed
+    core, data = parts.core, parts.data
+    model = core.model
+    print(f"  base model   {model.name} ({type(model).__module__}), state x_t of {core.state_dim} values, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"  chain        T = {core.steps} reverse steps, the agent takes the last {core.exposed_steps} "
+          f"(episode length), action_mode {core.action_mode}, hold-out {core.holdout} {core.holdout_fraction:g}")
+    print(f"  observation  {single_observation_space(core)}")
+    print(f"  action       {single_action_space(core)}")
+    print(f"  reward       {json.dumps(core.config()['reward'])}")
+    summary = data.summary()
+    print(f"  data         {summary['name']}: {summary['n_users']:,} users x {summary['n_items']:,} items, "
+          f"{summary['n_train']:,} train / {summary['n_valid']:,} valid / {summary['n_test']:,} test, density "
+          f"{summary['density']:.2%}")
+    print(f"  evaluation   protocol {config.evaluation.protocol or model.protocol}, ks {config.evaluation.ks}, "
+          f"select on valid {config.pretrain.select_metric}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """Training curves of one or several runs, side by side (one line per run, one panel per column)."""
+    import csv
+
+    from refit_gym.training.run_log import plot_runs
+
+    runs, x = {}, None
+    for folder in args.runs:
+        log = Path(folder) / "log.csv"
+        if not log.is_file():
+            raise ConfigError(f"{folder} holds no log.csv: pass the --output folder of a pretrain or finetune run")
+        with log.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            raise ConfigError(f"{log} is empty")
+        runs[str(folder)] = rows
+        x = x or next(iter(rows[0]))
+    columns = args.columns.split(",") if args.columns else [
+        "train_loss", "valid_recall@20", "valid_ndcg@20", "reward/total", "held_out_mass", "kl_to_pretrained",
+        "grad_norm", "valid_hr@20"]
+    path = plot_runs(runs, x, columns, args.output, title=args.title)
+    if path is None:
+        raise ConfigError(f"none of the columns {columns} is in the logs (or matplotlib is missing)")
+    _log(f"wrote {path} ({len(runs)} run(s))")
     return 0
 
 
@@ -303,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("envs", help="list the registered environment ids")
     p.set_defaults(handler=cmd_envs)
+
+    p = commands.add_parser("info", help="what an environment is: YAML, versions, model, chain, spaces, reward, data")
+    p.add_argument("env_id", help="a registered id (see `refit-gym envs`) or a scenario YAML")
+    p.add_argument("--data-dir", help="where its dataset lives (default: $REFIT_GYM_DATA)")
+    p.set_defaults(handler=cmd_info)
+
+    p = commands.add_parser("plot", help="training curves of one or several runs side by side (PNG)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--output folders of pretrain / finetune runs")
+    p.add_argument("--output", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument("--columns", help="comma-separated log.csv columns (default: loss, validation, reward, ...)")
+    p.add_argument("--title", help="a title for the figure")
+    p.set_defaults(handler=cmd_plot)
     return parser
 
 

@@ -108,3 +108,24 @@ def test_envs_lists_the_registered_ids(capsys):
     assert main(["envs"]) == 0
     out = capsys.readouterr().out
     assert "ReFiT-ML1M-v0" in out and "ReFiT-Synthetic-v0" in out
+
+
+def test_info_plot_and_pointers_to_checkpoints(tmp_path, capsys):
+    from refit_gym.cli import main
+
+    assert main(["info", "ReFiT-Synthetic-v0"]) == 0
+    out = capsys.readouterr().out
+    assert "ReFiT-Synthetic-v0" in out and "T = 10 reverse steps" in out and "synthetic.yaml" in out
+    assert "Box(-10.0, 10.0, (298,), float32)" in out and "HeldOutLogLikelihood" in out
+    for name, shift in (("a", 0.0), ("b", 0.1)):
+        (tmp_path / name).mkdir()
+        rows = "\n".join(f"{u},{-5 + u * 0.1 + shift},{0.1 + u * 0.01}" for u in range(1, 6))
+        (tmp_path / name / "log.csv").write_text("update,reward/total,valid_recall@20\n" + rows + "\n")
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "d.png")]) == 2
+    assert "holds no log.csv" in capsys.readouterr().err
+    (tmp_path / "run" / "finetuned").mkdir(parents=True)
+    (tmp_path / "run" / "finetuned" / "config.json").write_text("{}")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "valid"]) == 2
+    assert "the checkpoints inside it are" in capsys.readouterr().err

@@ -238,9 +238,9 @@ def tune_ease(
     best, best_score, best_weights = (None, None), -math.inf, None
     iterator = grid
     if progress:
-        from tqdm.auto import tqdm
+        from refit_gym.progress import progress as bar
 
-        iterator = tqdm(grid, desc="tune EASE l2", unit="l2")
+        iterator = bar(grid, desc="tune EASE l2", unit="l2")
     for l2 in iterator:
         model.l2 = l2
         model._set(binary, ease_weights(gram, l2))

@@ -15,7 +15,7 @@ from typing import Optional, Union
 from urllib.error import URLError
 from urllib.request import urlopen
 
-from tqdm.auto import tqdm
+from refit_gym.progress import progress as progress_bar
 
 from refit_gym.data.paths import resolve_data_dir
 from refit_gym.errors import DownloadError
@@ -95,12 +95,12 @@ def _fetch(url: str, destination: Path, progress: bool, timeout: float, target_d
     try:
         with urlopen(url, timeout=timeout) as response, destination.open("wb") as output:
             length = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
-            with tqdm(
+            with progress_bar(
                 total=int(length) if length else None,
                 unit="B",
                 unit_scale=True,
                 desc="ml-1m.zip",
-                disable=not progress,
+                enabled=progress,
             ) as bar:
                 while chunk := response.read(_CHUNK_BYTES):
                     output.write(chunk)

@@ -298,9 +298,9 @@ def evaluate(
         raise ConfigError(f"users must be a contiguous range within [0, {n_users}), got {users!r}")
     starts = range(user_range.start, user_range.stop, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from refit_gym.progress import progress as bar
 
-        starts = tqdm(starts, desc=f"evaluate {data.name}", unit="batch")
+        starts = bar(starts, desc=f"evaluate {data.name}", unit="batch")
     with torch.no_grad():
         for start in starts:
             stop = min(start + batch_size, user_range.stop)

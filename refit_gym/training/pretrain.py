@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from refit_gym.checkpoint import METRICS_FILE, package_versions, save_checkpoint, write_json_atomic
 from refit_gym.config import ExperimentConfig, resolve_device
@@ -34,6 +33,8 @@ from refit_gym.data.history import SequenceTable
 from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 from refit_gym.models import BaseModel, build_model
 from refit_gym.errors import TrainingError
+from refit_gym.progress import interactive
+from refit_gym.progress import progress as progress_bar
 from refit_gym.training.distributed import Distributed, init_distributed, local_device
 from refit_gym.training.run_folder import RunFolder
 from refit_gym.training.run_log import CsvLogger, plot_curves
@@ -163,9 +164,9 @@ def pretrain(
     if best_state is None:
         best_state = copy.deepcopy(model.state_dict())
     start = time.perf_counter() - state["elapsed"]
-    epochs = tqdm(range(state["epoch"] + 1, settings.max_epochs + 1), desc="pretrain",
-                  disable=not (progress and distributed.main), dynamic_ncols=True, initial=state["epoch"],
-                  total=settings.max_epochs)
+    epochs = progress_bar(range(state["epoch"] + 1, settings.max_epochs + 1), desc="pretrain",
+                          enabled=progress and distributed.main, initial=state["epoch"], total=settings.max_epochs)
+    quiet_bar = progress and distributed.main and not interactive()  # no bar: one line per evaluation
     epoch = state["epoch"]
     for epoch in epochs:
         model.train()
@@ -205,6 +206,10 @@ def pretrain(
                 state["stale"] += 1
             epochs.set_postfix(loss=f"{row['train_loss']:.4f}", valid=f"{valid:.4f}",
                                best=f"{state['best_valid']:.4f}@{state['best_epoch']}")
+            if quiet_bar:
+                log(f"epoch {epoch}/{settings.max_epochs}: loss {row['train_loss']:.4f}, valid "
+                    f"{settings.select_metric} {valid:.4f} (best {state['best_valid']:.4f} at epoch "
+                    f"{state['best_epoch']}), {time.perf_counter() - start:.0f} s")
             if state["stale"] >= settings.plateau_patience and epoch >= settings.min_epochs:
                 if state["decays"] >= settings.max_lr_decays:
                     row["event"] = "stop: plateau"

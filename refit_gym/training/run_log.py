@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 
 class CsvLogger:
@@ -55,6 +55,17 @@ def plot_curves(
     rows: Iterable[dict[str, Any]], x: str, ys: list[str], path: str | Path, title: Optional[str] = None
 ) -> Optional[Path]:
     """Plot columns ``ys`` against ``x`` (one panel each) to a PNG; returns None without matplotlib."""
+    return plot_runs({"": list(rows)}, x, ys, path, title)
+
+
+def plot_runs(
+    runs: Mapping[str, Iterable[dict[str, Any]]], x: str, ys: list[str], path: str | Path,
+    title: Optional[str] = None,
+) -> Optional[Path]:
+    """Columns ``ys`` against ``x`` of several runs (one line each, one panel per column) to a PNG.
+
+    A column no run has is left out; returns None without matplotlib or without any column.
+    """
     try:
         import matplotlib
 
@@ -62,17 +73,25 @@ def plot_curves(
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = list(rows)
-    panels = [y for y in ys if any(row.get(y) not in (None, "") for row in rows)]
+    runs = {name: list(rows) for name, rows in runs.items()}
+    panels = [y for y in ys if any(row.get(y) not in (None, "") for rows in runs.values() for row in rows)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for axis, y in zip(axes[0], panels):
-        points = [(float(r[x]), float(r[y])) for r in rows if r.get(y) not in (None, "")]
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.4 * columns, 3.3 * lines), squeeze=False)
+    for axis, y in zip(axes.flat, panels):
+        for name, rows in runs.items():
+            points = [(float(r[x]), float(r[y])) for r in rows if r.get(y) not in (None, "")]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name or None)
         axis.set_xlabel(x)
+        axis.set_ylabel(y)
         axis.set_title(y)
         axis.grid(alpha=0.3)
+        if len(runs) > 1:
+            axis.legend(fontsize="small")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
