@@ -133,7 +133,8 @@ def load_checkpoint(
     description = read_checkpoint_config(directory)
     config = config_from_dict(description["experiment"])
     check_data_matches(description.get("model_shape", {}), data, where=f"the checkpoint {directory}")
-    model = build_model(config.model, config.diffusion, data, device="cpu")
+    with torch.random.fork_rng(devices=[]):  # the weights are overwritten: loading leaves the caller's RNG alone
+        model = build_model(config.model, config.diffusion, data, device="cpu")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")

@@ -213,3 +213,12 @@ def test_ml1m_smoke_a_few_pretraining_batches_and_scoring(real_data_dir, config_
     assert losses[-1] < losses[0]
     scores = model.score(histories.batch(torch.arange(64)))
     assert scores.shape == (64, 2810) and torch.isfinite(scores).all()
+
+
+def test_loading_a_checkpoint_leaves_the_global_rng_alone(data, trained):
+    _, output, _ = trained
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    load_checkpoint(output, data)
+    assert torch.equal(torch.rand(4), expected)
