@@ -106,8 +106,12 @@ class Agent:
         """One update on a batch of distinct ``users``; returns the loss terms and diagnostics."""
         rollout = self.collect(users, rng, generator)
         terms = self.compute(self.loss, rollout, generator)
-        grad_norm = self.step(terms["loss"])
-        return self.distributed.mean({**self.scalars(terms), "grad_norm": grad_norm, **self.diagnostics(rollout)})
+        if self.config.term_gradients != "off":
+            grad_norm, per_term = self.step_terms(terms)
+        else:
+            grad_norm, per_term = self.step(terms["loss"]), {}
+        return self.distributed.mean({**self.scalars(terms), "grad_norm": grad_norm, **per_term,
+                                      **self.diagnostics(rollout)})
 
     def collect(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Rollout:
         """Rollouts of this process's shard of ``users`` (``group_size`` per user)."""
@@ -119,6 +123,51 @@ class Agent:
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Named loss terms; ``"loss"`` is the total that is minimised (``generator`` for any draw)."""
         raise NotImplementedError
+
+    def term_weights(self) -> dict[str, float]:
+        """The weight of each named loss term in ``"loss"`` (what :meth:`step_terms` recombines);
+        an agent whose loss is not such a weighted sum returns ``{}``."""
+        return {}
+
+    def step_terms(self, terms: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+        """The optimiser step from each term's own gradient (``finetune.term_gradients``).
+
+        ``log``: the update is the weighted sum of the terms' gradients (the same as :meth:`step`'s),
+        and each term's gradient norm and the pairwise cosines are reported. ``normalize``: each
+        term's gradient is divided by its norm before weighting, so that the weights say what share
+        of the step each term gets, whatever its scale. Returns the combined gradient's norm
+        (before clipping) and the per-term diagnostics.
+        """
+        weights = {name: w for name, w in self.term_weights().items() if w > 0 and terms[name].requires_grad}
+        if not weights or self.distributed.active:
+            raise ConfigError(f"finetune.term_gradients={self.config.term_gradients!r} needs an agent whose loss is "
+                              f"a weighted sum of terms, in one process ({self.name} has weights {self.term_weights()})")
+        if not torch.isfinite(terms["loss"]):
+            raise TrainingError(f"{self.name}: the loss became {float(terms['loss'])}; no step was taken")
+        parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        gradients = {}
+        for name in weights:
+            grads = torch.autograd.grad(terms[name], parameters, retain_graph=True, allow_unused=True)
+            gradients[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                         for g, p in zip(grads, parameters)])
+        norms = {name: float(g.norm()) for name, g in gradients.items()}
+        out = {f"grad_norm/{name.removeprefix('loss_')}": value for name, value in norms.items()}
+        names = sorted(gradients)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                cosine = torch.nn.functional.cosine_similarity(gradients[a], gradients[b], dim=0)
+                out[f"grad_cosine/{a.removeprefix('loss_')}~{b.removeprefix('loss_')}"] = float(cosine)
+        normalize = self.config.term_gradients == "normalize"
+        combined = sum(weights[n] * (gradients[n] / max(norms[n], 1e-12) if normalize else gradients[n]) for n in names)
+        self.optimizer.zero_grad(set_to_none=True)
+        offset = 0
+        for p in parameters:
+            p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        self.optimizer.step()
+        return float(norm), out
 
     def step(self, loss: torch.Tensor) -> float:
         """Backward, clip, optimiser step; returns the gradient norm before clipping.

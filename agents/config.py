@@ -77,6 +77,10 @@ class FinetuneConfig:
     """Adam(W) weight decay."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping (0 = off)."""
+    term_gradients: str = "off"
+    """``off`` (one backward of the total loss), ``log`` (each term's gradient separately: their
+    norms and pairwise cosines are logged, the update is unchanged) or ``normalize`` (each term's
+    gradient is scaled to norm 1 before weighting, so the weights mean what they say)."""
     users_per_batch: int = 128
     """Users per update."""
     rollouts_per_user: int = 4
@@ -116,6 +120,7 @@ CHOICES = {
     "log_prob_reduction": ("sum", "mean"),
     "categorical_reward": ("importance", "hit"),
     "precision": ("fp32", "bf16"),
+    "term_gradients": ("off", "log", "normalize"),
 }
 
 

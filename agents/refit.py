@@ -40,6 +40,11 @@ class RefitAgent(Agent):
     def information(cls, config) -> str:
         return "c" if config.likelihood_weight > 0 else "a"
 
+    def term_weights(self) -> dict[str, float]:
+        config = self.config
+        return {"loss_likelihood": config.likelihood_weight, "loss_policy_gradient": config.pg_weight,
+                "loss_anchor": config.anchor_weight}
+
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         config = self.config
         zero = torch.zeros((), device=rollout.states.device)

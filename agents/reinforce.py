@@ -43,6 +43,11 @@ class ReinforceAgent(Agent):
     def information(cls, config) -> str:
         return "b" if config.categorical_samples > 0 and config.categorical_reward == "importance" else "a"
 
+    def term_weights(self) -> dict[str, float]:
+        config = self.config
+        return {"loss_gaussian_steps": config.pg_weight, "loss_categorical": 1.0 if config.categorical_samples else 0.0,
+                "loss_anchor": config.anchor_weight}
+
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         config, zero = self.config, torch.zeros((), device=rollout.states.device)
         gaussian = zero

@@ -251,7 +251,8 @@ def finetune(
         if report_test:
             write_json_atomic(output / "metrics.json", _record(best_metrics, state["best_update"], config))
         plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
-                                            f"valid_{settings.select_metric}"],
+                                            "grad_norm/likelihood", "grad_norm/policy_gradient",
+                                            "grad_cosine/likelihood~policy_gradient", f"valid_{settings.select_metric}"],
                     output / "curves.png", title=f"fine-tuning ({settings.agent})")
         shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
         write_json_atomic(output / "results.json", {

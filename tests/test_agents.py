@@ -197,3 +197,29 @@ def test_every_agent_says_what_it_sees():
     hit = finetune_config({"agent": "reinforce", "categorical_samples": 64, "categorical_reward": "hit"})
     assert agent_class("reinforce").information(hit) == "a"
     assert agent_class("refit").information(finetune_config({"likelihood_weight": 0.0})) == "a"
+
+
+def test_term_gradients_log_the_same_update_and_normalize_rescales(tiny_data, tiny_pretrained):
+    from conftest import build_tiny_learner
+
+    users, seeds = np.arange(32), (np.random.default_rng(0), torch.Generator().manual_seed(0))
+    plain, _ = build_tiny_learner(tiny_data, tiny_pretrained, "refit", reward={"collaborative": {"weight": 1.0, "k": 5}})
+    logged, _ = build_tiny_learner(tiny_data, tiny_pretrained, "refit", term_gradients="log",
+                                   reward={"collaborative": {"weight": 1.0, "k": 5}})
+    before = [p.detach().clone() for p in plain.policy.parameters()]
+    plain.update(users, *seeds)
+    out = logged.update(users, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    for a, b in zip(plain.policy.parameters(), logged.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # logging does not change the update
+    assert any(not torch.equal(a, b) for a, b in zip(before, plain.policy.parameters()))
+    assert {"grad_norm/likelihood", "grad_norm/policy_gradient", "grad_norm/anchor"} <= set(out)
+    cosine = out["grad_cosine/likelihood~policy_gradient"]
+    assert -1.0 <= cosine <= 1.0 and out["grad_norm/likelihood"] > 0
+
+    normalized, _ = build_tiny_learner(tiny_data, tiny_pretrained, "refit", term_gradients="normalize",
+                                       anchor_weight=0.0, pg_weight=0.0, max_grad_norm=0.0, lr=1e-3)
+    start = [p.detach().clone() for p in normalized.policy.parameters()]
+    normalized.update(users, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    # Adam's first step moves each weight by lr * sign(g): the direction of the normalised likelihood gradient
+    moved = torch.cat([(p - s).reshape(-1) for p, s in zip(normalized.policy.parameters(), start)])
+    assert float(moved.detach().abs().max()) == pytest.approx(1e-3, rel=1e-3)
