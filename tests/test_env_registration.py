@@ -120,3 +120,11 @@ def test_ml1m_env_with_a_fresh_base_on_real_data(real_data_dir):
     obs, reward, terminated, truncated, info = env.step(obs["x_t"])
     assert obs["t"].ravel().tolist() == [39] * 4 and not terminated.any()
     assert np.array_equal(reward, np.zeros(4, np.float32))
+
+
+def test_the_generated_specification_in_the_docs_is_up_to_date():
+    from refit_gym.envs import spec
+
+    document = (REPO / "docs" / "environment.md").read_text()
+    assert spec.updated(document) == document, "run `python -m refit_gym.envs.spec` to regenerate docs/environment.md"
+    assert "### Action space" in document and "`ReFiT-ML1M-CFDiff-v0`" in document
