@@ -72,10 +72,27 @@ class Agent:
 
     def distribute(self, distributed: Distributed) -> None:
         """Train data-parallel: this process takes its shard of each batch of users and its
-        losses' gradients are averaged over the processes (``DistributedDataParallel``)."""
+        losses' gradients are averaged over the processes (``DistributedDataParallel``).
+
+        The env's and the exploration's random draws are made for the whole batch, so ``refit``,
+        ``supervised`` and Gaussian-step ``reinforce`` reproduce a one-process run (to float
+        summation order). ``ppo``'s minibatch permutation and ``reinforce``'s categorical samples
+        are drawn per process: data-parallel, they run with the same statistics but not the same
+        draws. Settings that would normalise over a process's shard instead of the batch are
+        refused (``rollouts_per_user: 1``: advantages normalised over the batch), as is
+        ``term_gradients`` (its per-term backward bypasses DDP's gradient averaging).
+        """
         if distributed.active and not self.supports_data_parallel:
             raise ConfigError(f"the {self.name} agent does not run data-parallel (its update is another library's "
                               "loop); use refit, supervised, reinforce or ppo under torchrun")
+        if distributed.active and self.collects_rollouts and self.group_size == 1:
+            raise ConfigError("finetune.rollouts_per_user = 1 normalises advantages over the whole batch, which a "
+                              "data-parallel process does not hold: use at least 2 rollouts per user under torchrun")
+        if self.config.term_gradients != "off":
+            overrides_update = type(self).update is not Agent.update
+            if distributed.active or overrides_update or not any(w > 0 for w in self.term_weights().values()):
+                raise ConfigError(f"finetune.term_gradients={self.config.term_gradients!r} needs an agent whose loss is "
+                                  f"a weighted sum of terms, in one process; {self.name} does not have one here")
         self.distributed = distributed
         self._data_parallel = distributed.wrap(_LossModule(self.policy)) if distributed.active else None
 
@@ -139,9 +156,6 @@ class Agent:
         (before clipping) and the per-term diagnostics.
         """
         weights = {name: w for name, w in self.term_weights().items() if w > 0 and terms[name].requires_grad}
-        if not weights or self.distributed.active:
-            raise ConfigError(f"finetune.term_gradients={self.config.term_gradients!r} needs an agent whose loss is "
-                              f"a weighted sum of terms, in one process ({self.name} has weights {self.term_weights()})")
         if not torch.isfinite(terms["loss"]):
             raise TrainingError(f"{self.name}: the loss became {float(terms['loss'])}; no step was taken")
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
@@ -175,8 +189,9 @@ class Agent:
         Raises:
             TrainingError: the loss is NaN or infinite (nothing is stepped: the weights stay finite).
         """
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{self.name}: the loss became {float(loss)}; no step was taken")
+        if self.distributed.any(not bool(torch.isfinite(loss))):  # every process stops, not only this one
+            raise TrainingError(f"{self.name}: the loss became {float(loss.detach())} (on this or another process); no step "
+                                "was taken")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parameters = [p for p in self.policy.parameters() if p.grad is not None]

@@ -15,22 +15,22 @@ an action under the updated policy is computed by the same function that sampled
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from refit_gym.diffusion.gaussian import gaussian_log_prob
-from refit_gym.envs.policies import denoiser_action, diffusion_step
+from refit_gym.envs.policies import STATE_KEYS, DenoiserPolicy
 from refit_gym.models.base import BaseModel
 
-STATE_KEYS = ("x_t", "t", "user")
+__all__ = ["DenoisingPolicy", "STATE_KEYS"]
 
 
-class DenoisingPolicy(nn.Module):
-    """Gaussian policy ``N(loc(s), exp(log_std)^2 I)`` over a trainable copy of the base model.
+class DenoisingPolicy(DenoiserPolicy):
+    """The agents' policy: :class:`~refit_gym.envs.policies.DenoiserPolicy` (a trainable copy of
+    the base model with a Gaussian head) with a scalar exploration std that is fixed, learned or
+    scheduled, and a chosen reduction of the per-step log-probability.
 
     Args:
         base: the pretrained model (copied whole; the original is never touched).
@@ -38,7 +38,7 @@ class DenoisingPolicy(nn.Module):
         log_std_init: initial exploration log-std.
         std_mode: ``fixed`` (a buffer), ``learned`` (a parameter) or ``scheduled`` (a buffer the
             trainer moves with :meth:`set_log_std`).
-        log_prob_reduction: ``sum`` (exact) or ``mean`` (DDPO's) over item dimensions.
+        log_prob_reduction: ``sum`` (exact) or ``mean`` (DDPO's) over the state's dimensions.
     """
 
     def __init__(
@@ -49,39 +49,8 @@ class DenoisingPolicy(nn.Module):
         std_mode: str = "fixed",
         log_prob_reduction: str = "sum",
     ) -> None:
-        super().__init__()
-        self.model = copy.deepcopy(base).requires_grad_(True).eval()
-        self.diffusion = self.model.diffusion
-        self.action_mode, self.std_mode, self.log_prob_reduction = action_mode, std_mode, log_prob_reduction
-        log_std = torch.tensor(float(log_std_init))
-        if std_mode == "learned":
-            self.log_std = nn.Parameter(log_std)
-        else:
-            self.register_buffer("log_std", log_std)
-
-    def train(self, mode: bool = True) -> "DenoisingPolicy":
-        """The model stays in eval mode (dropout off) whatever the module's mode."""
-        super().train(mode)
-        self.model.eval()
-        return self
-
-    def item_scores(self, x0: torch.Tensor) -> torch.Tensor:
-        """The trainable model's item scores of clean states."""
-        return self.model.item_scores(x0)
-
-    @staticmethod
-    def context(observation: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The base model's conditioning tensors of an observation (everything but x_t, t, user)."""
-        return {k: v for k, v in observation.items() if k not in STATE_KEYS}
-
-    def loc(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
-        """The mean action at states ``(x_t, t)`` (``t`` = remaining steps)."""
-        return denoiser_action(self.model.denoise, self.diffusion, x_t, t, self.action_mode, **context)
-
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
-        """The denoiser's clean-vector estimate at ``(x_t, t)`` (differentiable)."""
-        step = diffusion_step(t).to(x_t.device)
-        return self.diffusion.predict_x0(self.model.denoise(x_t, step, **context), x_t, step)
+        super().__init__(base, action_mode, log_std_init, per_dim_std=False, learn_std=std_mode == "learned")
+        self.std_mode, self.log_prob_reduction = std_mode, log_prob_reduction
 
     def sample(self, loc: torch.Tensor, generator: Optional[torch.Generator] = None,
                row_window: Optional[tuple[int, int]] = None) -> torch.Tensor:

@@ -21,10 +21,10 @@ class SupervisedAgent(Agent):
 
     name = "supervised"
     sees = "c"
+    collects_rollouts = False
 
     def term_weights(self) -> dict[str, float]:
         return {"loss_likelihood": self.config.likelihood_weight, "loss_anchor": self.config.anchor_weight}
-    collects_rollouts = False
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         likelihood = self.likelihood_loss(rollout)

@@ -18,6 +18,7 @@ best checkpoint's test metrics when they were asked for).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -39,7 +40,7 @@ from refit_gym.envs.core import DenoisingMDP
 from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 from refit_gym.models.base import BaseModel
 from refit_gym.rewards import build_reward
-from refit_gym.rewards.base import TrainingInteractions
+from refit_gym.data.interactions import TrainingInteractions
 from refit_gym.errors import TrainingError
 from refit_gym.progress import interactive
 from refit_gym.progress import progress as progress_bar
@@ -141,13 +142,14 @@ def finetune(
         TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
     """
     settings = finetune_config(config.finetune, **({"agent": agent} if agent else {}), **overrides)
+    config = copy.deepcopy(config)  # the caller's config is left as it was
     config.finetune = settings.to_dict()
     output = Path(output_dir)
     device = resolve_device(config.device)
     distributed = init_distributed(device)
     device = local_device(device)
     run = RunFolder.claim(output, "finetune", {**config.to_dict(), "pretrained": str(pretrained)}, resume,
-                          overwrite, distributed)
+                          overwrite, distributed, inputs=(pretrained,))
     if run.finished:
         return _finished_result(output, data, config, report_test, log)
     writes = distributed.main  # rank 0 writes checkpoints, logs and snapshots
@@ -213,7 +215,8 @@ def finetune(
         elapsed = time.perf_counter() - start
         out_of_time = settings.time_budget_s is not None and elapsed > settings.time_budget_s
         out_of_time = distributed.broadcast_object(out_of_time)  # every rank stops at the same update
-        if state["update"] % settings.eval_every == 0 or out_of_time or state["update"] == settings.max_updates:
+        evaluated = state["update"] % settings.eval_every == 0 or out_of_time or state["update"] == settings.max_updates
+        if evaluated:
             metrics = validate()
             row.update(_flat(metrics))
             score = metrics["valid"][settings.select_metric]
@@ -227,12 +230,13 @@ def finetune(
                 log(f"update {state['update']}/{settings.max_updates}: valid {settings.select_metric} {score:.4f} "
                     f"(best {state['best']:.4f} at update {state['best_update']}), "
                     f"{time.perf_counter() - start:.0f} s")
-            state["elapsed"] = time.perf_counter() - start
-            snapshot_now()
             if state["stale"] >= settings.patience:
                 stop_reason = "patience"
         row["seconds"] = time.perf_counter() - start
         logger.log(row)
+        if evaluated:  # after the row is logged: a run killed after the snapshot has every row up to it
+            state["elapsed"] = time.perf_counter() - start
+            snapshot_now()
         bar.update(1)
         if out_of_time:
             stop_reason = "time budget"
@@ -254,7 +258,6 @@ def finetune(
                                             "grad_norm/likelihood", "grad_norm/policy_gradient",
                                             "grad_cosine/likelihood~policy_gradient", f"valid_{settings.select_metric}"],
                     output / "curves.png", title=f"fine-tuning ({settings.agent})")
-        shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
         write_json_atomic(output / "results.json", {
             "agent": settings.agent, "sees": agent_class(settings.agent).information(settings), "seed": config.seed,
             "versions": package_versions(), "config": config.to_dict(), "processes": distributed.world,
@@ -263,6 +266,7 @@ def finetune(
             "seconds": seconds, "stop_reason": stop_reason,
         })
         run.finish(best_update=state["best_update"], updates=state["update"], stop_reason=stop_reason)
+        shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # after finish: a finished run resumes nothing
     distributed.barrier()
     return FinetuneResult(best_model, pretrained_metrics, best_metrics, state["best_update"], state["update"],
                           seconds, logger.rows)
@@ -271,7 +275,8 @@ def finetune(
 class _NoLog:
     """The log of a process that does not write (data-parallel ranks other than 0)."""
 
-    rows: list = []
+    def __init__(self) -> None:
+        self.rows: list = []
 
     def log(self, row: dict) -> None:
         pass

@@ -8,8 +8,11 @@ Layout of a checkpoint directory::
                         model's shape, the data summary, the seed and package versions
     metrics.json        (optional) the metrics measured when it was saved
 
-Files are written to a temporary name and renamed, so an interrupted save never leaves a
-half-written checkpoint behind and never destroys the previous one.
+Each file is written to a temporary name and renamed, so no file is ever half-written and a
+failed write keeps the previous one. The three files are replaced one after the other (weights,
+then description, then metrics): ``config.json`` records the SHA-256 of the weights it describes,
+and loading refuses a pair that does not match (a save interrupted between the two), naming it;
+the training runs rewrite their checkpoint when they resume.
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def save_checkpoint(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
+    digest = _sha256(tmp)
     os.replace(tmp, directory / WEIGHTS_FILE)
     description = {
+        "weights_sha256": digest,
         "format": FORMAT,
         "model_name": model.name,
         "model_shape": model.describe(),
@@ -99,6 +104,16 @@ def save_checkpoint(
     if metrics is not None:
         write_json_atomic(directory / METRICS_FILE, metrics)
     return directory
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -138,6 +153,10 @@ def load_checkpoint(
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")
+    expected_digest = description.get("weights_sha256")
+    if expected_digest is not None and _sha256(weights) != expected_digest:
+        raise CheckpointError(f"{weights} is not the file {CONFIG_FILE} describes (a save interrupted between the two?); "
+                              "resume the run that wrote it (--resume), or use another checkpoint")
     state = read_weights(weights)
     if description.get("format") == "refit-gym-checkpoint/1":  # DiffRec's denoiser alone
         state = {f"denoiser.{key}": value for key, value in state.items()}

@@ -106,7 +106,9 @@ def cmd_pretrain(args) -> int:
     from refit_gym.training.run_folder import RunFolder
 
     config = _experiment(args)
-    RunFolder.check(args.output, "pretrain", {**config.to_dict(), "init_from": "None"}, args.resume, args.overwrite)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    RunFolder.check(args.output, "pretrain", {**config.to_dict(), "init_from": "None", "processes": world},
+                    args.resume, args.overwrite)
     data = _load_data(config.data.dataset, config.data.data_dir)
     result = pretrain(config, data, output_dir=args.output, progress=not args.no_progress, log=_log,
                       report_test=args.report_test, resume=args.resume, overwrite=args.overwrite)
@@ -184,8 +186,8 @@ def cmd_finetune(args) -> int:
     settings = finetune_config(config.finetune, **({"agent": args.agent} if args.agent else {}))
     pretrained = args.pretrained or cached_checkpoint(config, data)
     planned = {**config.to_dict(), "finetune": settings.to_dict(), "pretrained": str(pretrained)}
-    RunFolder.check(args.output, "finetune", planned, args.resume, args.overwrite)  # before any pretraining
-    if not args.pretrained:
+    RunFolder.check(args.output, "finetune", planned, args.resume, args.overwrite, inputs=(pretrained,))
+    if not args.pretrained:  # (checked first: no pretraining for a command that is refused)
         pretrained = pretrained_checkpoint(config, data, progress=not args.no_progress, log=_log)
     result = finetune(config, data, pretrained, args.output, agent=args.agent, resume=args.resume,
                       overwrite=args.overwrite, progress=not args.no_progress, log=_log, report_test=args.report_test)
@@ -198,6 +200,9 @@ def cmd_finetune(args) -> int:
 def cmd_run(args) -> int:
     from agents.pipeline import run_main_job
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("refit-gym run is one process: under torchrun, run `pretrain` and then `finetune "
+                          "--pretrained DIR` (both are data-parallel)")
     config = _experiment(args)
     run_main_job(config, args.output, pretrained=args.pretrained, progress=not args.no_progress, log=_log,
                  report_test=args.report_test, resume=args.resume, overwrite=args.overwrite)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -134,4 +133,7 @@ def test_agents_that_run_another_librarys_loop_refuse_data_parallel(tiny_data, t
     agent, _ = build_tiny_learner(tiny_data, tiny_pretrained, "torchrl-ppo")
     with pytest.raises(ConfigError, match="does not run data-parallel"):
         agent.distribute(Distributed(rank=0, world=2))
-    assert torch.equal(agent.core.x_t, agent.core.x_t)  # nothing else happened
+    assert not agent.distributed.active and agent._data_parallel is None  # it stayed a one-process agent
+    single, _ = build_tiny_learner(tiny_data, tiny_pretrained, "refit", rollouts_per_user=1)
+    with pytest.raises(ConfigError, match="rollouts_per_user = 1"):
+        single.distribute(Distributed(rank=0, world=2))

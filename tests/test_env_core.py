@@ -6,16 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from refit_gym.data import UserSequences, make_synthetic
 from refit_gym.data.history import SequenceTable
-from refit_gym.envs.core import (
-    DenoisingMDP,
-    held_out_counts,
-    padded_width,
-    recent_held_out_matrix,
-)
+from refit_gym.data.interactions import pairs_to_csr
+from refit_gym.envs.core import DenoisingMDP, held_out_counts_tensor, padded_width
 from refit_gym.envs.factory import build_env_parts
 from refit_gym.envs.policies import denoiser_action
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError, RefitGymError
@@ -26,6 +23,42 @@ N_USERS, N_ITEMS = 60, 40
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+# ------------------------------------------------------------------ straightforward references
+def held_out_counts(lengths: np.ndarray, fraction: float) -> np.ndarray:
+    """How many training items each user hides: ``round(fraction * L)``, at least 1, at most ``L - 1``.
+
+    ``L`` is the user's number of training items. A user with one item hides nothing (the input
+    would be empty), and ``fraction = 0`` hides nothing.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if fraction <= 0.0:
+        return np.zeros_like(lengths)
+    counts = np.floor(fraction * lengths + 0.5).astype(np.int64)
+    return np.clip(counts, 1, np.maximum(lengths - 1, 0))
+
+
+def recent_held_out_matrix(sequences: UserSequences, n_items: int, fraction: float) -> sp.csr_matrix:
+    """Binary ``(n_users, n_items)`` CSR of each user's most recent ``fraction`` of training items.
+
+    "Most recent" follows ``train_sequences`` (each user's training items oldest first); the
+    count per user is :func:`held_out_counts` of the sequence length. Vectorised (no per-user loop).
+    """
+    n_users = len(sequences)
+    lengths = sequences.lengths
+    counts = held_out_counts(lengths, fraction)
+    owner = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    position = np.arange(len(sequences.items), dtype=np.int64) - np.repeat(sequences.indptr[:-1], lengths)
+    hidden = position >= (lengths - counts)[owner]
+    return pairs_to_csr(owner[hidden], sequences.items[hidden], n_users, n_items)
+
+
+def test_the_tensor_counts_equal_the_reference():
+    lengths = np.array([0, 1, 2, 4, 10, 11, 57])
+    for fraction in (0.0, 0.25, 0.99):
+        assert held_out_counts_tensor(torch.from_numpy(lengths), fraction).tolist() == \
+            held_out_counts(lengths, fraction).tolist()
 
 
 @pytest.fixture(scope="module")

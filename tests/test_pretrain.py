@@ -118,6 +118,11 @@ def test_truncated_corrupted_or_foreign_checkpoints_are_named(tmp_path, data, tr
     shutil.copytree(output, truncated)
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not the file config.json describes"):
+        load_checkpoint(truncated, data)
+    description = json.loads((truncated / "config.json").read_text())
+    del description["weights_sha256"]  # a checkpoint without the digest (written by an older version)
+    (truncated / "config.json").write_text(json.dumps(description))
     with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupted and cannot be read"):
         load_checkpoint(truncated, data)
     garbled = tmp_path / "garbled"
@@ -132,6 +137,25 @@ def test_truncated_corrupted_or_foreign_checkpoints_are_named(tmp_path, data, tr
     (foreign / "config.json").write_text(json.dumps(description))
     with pytest.raises(CheckpointError, match=r"does not match the cfdiff model that config.json describes: 24 missing tensor\(s\) \(first: denoiser.attentions.0.in_proj_bias\); 8 unexpected"):
         load_checkpoint(foreign, data)
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path, data, trained):
+    """Format 1 saved DiffRec's denoiser alone (keys without the ``denoiser.`` prefix)."""
+    from safetensors.torch import save_file
+
+    _, output, _ = trained
+    model, _ = load_checkpoint(output, data)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in model.denoiser.state_dict().items()}, str(old / "model.safetensors"))
+    description = json.loads((output / "config.json").read_text())
+    description["format"] = "refit-gym-checkpoint/1"
+    description["model_shape"] = {"n_users": data.n_users, "n_items": data.n_items}
+    del description["weights_sha256"]
+    (old / "config.json").write_text(json.dumps(description))
+    loaded, _ = load_checkpoint(old, data)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, data, trained, monkeypatch):

@@ -141,12 +141,6 @@ class SequenceTable:
     def n_users(self) -> int:
         return int(self.indptr.shape[0]) - 1
 
-    def to(self, device: torch.device | str) -> "SequenceTable":
-        moved = object.__new__(SequenceTable)
-        moved.n_items, moved.device = self.n_items, torch.device(device)
-        moved.indptr, moved.items = self.indptr.to(device), self.items.to(device)
-        return moved
-
     def lengths(self, users: torch.Tensor) -> torch.Tensor:
         users = users.to(self.device)
         return self.indptr[users + 1] - self.indptr[users]

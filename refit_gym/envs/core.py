@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from refit_gym.data.history import HistoryBatch, SequenceTable
-from refit_gym.data.interactions import TrainingInteractions, UserSequences, pairs_to_csr
+from refit_gym.data.interactions import TrainingInteractions
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError, RewardError
 from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping
@@ -47,7 +46,7 @@ DEFAULT_ACTION_BOUND = 10.0
 DEFAULT_HOLDOUT_FRACTION = 0.25
 
 # stream ids of the keyed random draws
-_USERS, _HOLDOUT, _INITIAL_NOISE, _PREFIX_NOISE, _TRANSITION_NOISE = range(5)
+_HOLDOUT, _INITIAL_NOISE, _PREFIX_NOISE, _TRANSITION_NOISE = range(1, 5)  # (stream 0: users, drawn by numpy)
 
 
 def padded_width(n: int) -> int:
@@ -61,41 +60,16 @@ def stream_seed(episode_seed: int, stream: int, step: int = 0) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def held_out_counts(lengths: np.ndarray, fraction: float) -> np.ndarray:
+def held_out_counts_tensor(lengths: torch.Tensor, fraction: float) -> torch.Tensor:
     """How many training items each user hides: ``round(fraction * L)``, at least 1, at most ``L - 1``.
 
-    ``L`` is the user's number of training items. A user with one item hides nothing (the input
+    ``L`` is the length of the user's history. A user with one item hides nothing (the input
     would be empty), and ``fraction = 0`` hides nothing.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if fraction <= 0.0:
-        return np.zeros_like(lengths)
-    counts = np.floor(fraction * lengths + 0.5).astype(np.int64)
-    return np.clip(counts, 1, np.maximum(lengths - 1, 0))
-
-
-def held_out_counts_tensor(lengths: torch.Tensor, fraction: float) -> torch.Tensor:
-    """:func:`held_out_counts` on a torch tensor of lengths (same values, on its device)."""
     if fraction <= 0.0:
         return torch.zeros_like(lengths)
     counts = torch.floor(fraction * lengths.to(torch.float64) + 0.5).to(torch.int64)
     return torch.minimum(counts.clamp_min(1), (lengths - 1).clamp_min(0))
-
-
-def recent_held_out_matrix(sequences: UserSequences, n_items: int, fraction: float) -> sp.csr_matrix:
-    """Binary ``(n_users, n_items)`` CSR of each user's most recent ``fraction`` of training items.
-
-    "Most recent" follows ``train_sequences`` (each user's training items oldest first); the
-    count per user is :func:`held_out_counts` of the sequence length. Vectorised (no per-user loop).
-    A straightforward reference for the env's ``recent`` hold-out (the tests compare the two).
-    """
-    n_users = len(sequences)
-    lengths = sequences.lengths
-    counts = held_out_counts(lengths, fraction)
-    owner = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
-    position = np.arange(len(sequences.items), dtype=np.int64) - np.repeat(sequences.indptr[:-1], lengths)
-    hidden = position >= (lengths - counts)[owner]
-    return pairs_to_csr(owner[hidden], sequences.items[hidden], n_users, n_items)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
@@ -194,7 +168,9 @@ class DenoisingMDP:
         holdout: which training items are hidden from the input and scored by the reward
             (``EpisodeBatch.held_out``): ``"recent"`` (each user's most recent
             ``holdout_fraction`` by ``train_sequences``), ``"random"`` (a fresh random subset of
-            the same size every episode) or ``"none"``.
+            the same size every episode) or ``"none"``. Holding out works on positions, scoring
+            on items: an item repeated in a history that is also shown at an earlier position
+            stays in the input and is not scored.
         holdout_fraction: the hidden fraction, in ``[0, 1)`` (see :func:`held_out_counts`).
         noise_steps: the start vector is ``q_sample``d to this step first (0 = un-noised);
             default: the model's own (DiffRec: 0).

@@ -55,13 +55,18 @@ def denoiser_action(
     return x0.reshape(*lead, n_items)
 
 
+STATE_KEYS = ("x_t", "t", "user")
+"""The observation keys every env has; the others are the base model's conditioning."""
+
+
 class DenoiserPolicy(nn.Module):
     """A Gaussian policy head over a base model: ``loc`` = :func:`denoiser_action`, ``scale`` = ``exp(log_std)``.
 
     The policy holds a trainable **copy** of ``model`` (the env's frozen base model is never
-    touched), so the pretrained denoiser is the policy's initialisation. ``log_std`` is a
-    learnable, state-independent parameter (one scalar, or one per state dimension with
-    ``per_dim_std=True``).
+    touched), so the pretrained denoiser is the policy's initialisation. The model stays in eval
+    mode (no dropout) whatever the module's mode, so sampling and scoring use one function.
+    ``log_std`` is state-independent: a learnable parameter (one scalar, or one per state
+    dimension with ``per_dim_std=True``), or a fixed buffer with ``learn_std=False``.
 
     Args:
         model: the base model (e.g. ``env.unwrapped.base_model``); copied.
@@ -69,6 +74,7 @@ class DenoiserPolicy(nn.Module):
         log_std_init: initial exploration log-std (DiffRec's own posterior std on ML-1M is ~8e-4,
             ``log`` ~ -7; exploration usually needs more).
         per_dim_std: one log-std per state dimension instead of one scalar.
+        learn_std: whether ``log_std`` is a parameter (True) or a buffer.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class DenoiserPolicy(nn.Module):
         action_mode: str = "x0",
         log_std_init: float = -3.0,
         per_dim_std: bool = False,
+        learn_std: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, BaseModel):
@@ -85,7 +92,11 @@ class DenoiserPolicy(nn.Module):
             raise ConfigError(f"action_mode must be one of {list(ACTION_MODES)}, got {action_mode!r}")
         self.model = copy.deepcopy(model).requires_grad_(True).eval()
         self.diffusion, self.action_mode = self.model.diffusion, action_mode
-        self.log_std = nn.Parameter(torch.full((model.state_dim if per_dim_std else 1,), float(log_std_init)))
+        log_std = torch.full((model.state_dim,), float(log_std_init)) if per_dim_std else torch.tensor(float(log_std_init))
+        if learn_std:
+            self.log_std = nn.Parameter(log_std)
+        else:
+            self.register_buffer("log_std", log_std)
 
     def train(self, mode: bool = True) -> "DenoiserPolicy":
         """The model stays in eval mode (dropout off), so sampling and scoring use one function."""
@@ -93,6 +104,24 @@ class DenoiserPolicy(nn.Module):
         self.model.eval()
         return self
 
+    @staticmethod
+    def context(observation: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base model's conditioning tensors of an observation (everything but ``x_t``, ``t``, ``user``)."""
+        return {k: v for k, v in observation.items() if k not in STATE_KEYS}
+
+    def loc(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+        """The mean action at states ``(x_t, t)`` (``t`` = remaining steps); differentiable."""
+        return denoiser_action(self.model.denoise, self.diffusion, x_t, t, self.action_mode, **context)
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+        """The denoiser's clean-state estimate at ``(x_t, t)`` (differentiable)."""
+        step = diffusion_step(t).to(x_t.device)
+        return self.diffusion.predict_x0(self.model.denoise(x_t, step, **context), x_t, step)
+
+    def item_scores(self, x0: torch.Tensor) -> torch.Tensor:
+        """The trainable model's item scores of clean states (an item-embedding model's are fine-tuned too)."""
+        return self.model.item_scores(x0)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = denoiser_action(self.model.denoise, self.diffusion, x_t, t, self.action_mode, **context)
+        loc = self.loc(x_t, t, **context)
         return loc, torch.exp(self.log_std).expand_as(loc)

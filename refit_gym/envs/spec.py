@@ -50,7 +50,7 @@ def updated(document: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file", default=str(Path(__file__).resolve().parents[2] / "docs" / "environment.md"))
+    parser.add_argument("--file", default="docs/environment.md", help="the document to update (from the repository root)")
     args = parser.parse_args()
     path = Path(args.file)
     path.write_text(updated(path.read_text()))

@@ -304,10 +304,10 @@ def evaluate(
     with torch.no_grad():
         for start in starts:
             stop = min(start + batch_size, user_range.stop)
-            users = torch.arange(start, stop, dtype=torch.long, device=device or "cpu")
+            batch_users = torch.arange(start, stop, dtype=torch.long, device=device or "cpu")
             for group, table in zip(groups, tables):
                 with autocast(precision, device or "cpu"):
-                    scores = recommender.score(table.batch(users))
+                    scores = recommender.score(table.batch(batch_users))
                 if scores.dtype in (torch.bfloat16, torch.float16):
                     scores = scores.float()
                 check_scores(scores, stop - start, n_items)

@@ -20,7 +20,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,6 +29,7 @@ import torch
 from refit_gym.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from refit_gym.config import ExperimentConfig
 from refit_gym.data.interactions import InteractionData
+from refit_gym.errors import ConfigError
 from refit_gym.models import BaseModel, build_model
 
 _FROZEN: dict[tuple[str, str], BaseModel] = {}
@@ -42,21 +43,34 @@ def default_checkpoint_cache() -> Path:
     return root / "refit_gym" / "checkpoints"
 
 
-def train_fingerprint(data: InteractionData) -> str:
-    """A short hash of the training matrix (shape and nonzeros) and of the training order."""
-    train = sp.csr_matrix(data.train)
+def _fingerprint(matrix: sp.csr_matrix, *extra: np.ndarray) -> str:
     digest = hashlib.sha256()
-    digest.update(np.asarray(train.shape, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.indptr, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.indices, dtype=np.int64).tobytes())
+    digest.update(np.asarray(matrix.shape, dtype=np.int64).tobytes())
+    for array in (matrix.indptr, matrix.indices, *extra):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
-def cache_key(config: ExperimentConfig, data: InteractionData) -> str:
-    """``<data>-<model>-<hash>`` of everything the pretrained weights depend on."""
-    described = {key: config.to_dict()[key] for key in ("seed", "model", "diffusion", "pretrain")}
+def train_fingerprint(data: InteractionData) -> str:
+    """A short hash of the training matrix (shape and nonzeros) and of the training order
+    (``train_sequences``, which T-DiffRec's weights and the ``recent`` hold-out read)."""
+    sequences = data.train_sequences
+    return _fingerprint(sp.csr_matrix(data.train), sequences.indptr, sequences.items)
+
+
+def cache_identity(config: ExperimentConfig, data: InteractionData) -> dict[str, Any]:
+    """Everything the pretrained weights depend on: the seed, the model, diffusion, pretrain and
+    evaluation sections (the evaluation selects the checkpoint) and fingerprints of the training
+    data (matrix and order) and of the validation split."""
+    described = {key: config.to_dict()[key] for key in ("seed", "model", "diffusion", "pretrain", "evaluation")}
     described["train"] = train_fingerprint(data)
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+    described["valid"] = _fingerprint(sp.csr_matrix(data.valid))
+    return described
+
+
+def cache_key(config: ExperimentConfig, data: InteractionData) -> str:
+    """``<data>-<model>-<hash>`` of :func:`cache_identity`."""
+    digest = hashlib.sha256(json.dumps(cache_identity(config, data), sort_keys=True).encode()).hexdigest()[:12]
     name = config.model.name.replace(":", ".").replace("/", ".")
     return f"{data.name}-{name}-{digest}"
 
@@ -101,6 +115,10 @@ def pretrained_checkpoint(
         return directory
     from refit_gym.training.pretrain import pretrain
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"no pretrained {config.model.name} in the cache ({directory}) and this is one of several "
+                          "torchrun processes: pretrain it first (`refit-gym pretrain`, data-parallel too) and pass "
+                          "--pretrained DIR")
     staging = staging_folder(config, data, cache_dir)
     resume = read_run(staging) is not None
     log(f"{'resuming' if resume else 'starting'} the pretraining of {config.model.name} on {data.name}: at most "
@@ -110,7 +128,8 @@ def pretrained_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     if staging.exists() and not resume:
         shutil.rmtree(staging)
-    pretrain(config, data, output_dir=staging, progress=progress, log=log, resume=resume)
+    pretrain(config, data, output_dir=staging, progress=progress, log=log, resume=resume,
+             record_config=cache_identity(config, data))
     try:
         os.replace(staging, directory)
     except OSError:  # another process cached it first: keep that one

@@ -54,6 +54,15 @@ class Distributed:
             raise ConfigError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
         return self.shard(n)
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (every rank gets the answer: a rank that must stop
+        tells the others before they block in a collective)."""
+        if not self.active:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()
@@ -97,7 +106,9 @@ class Distributed:
             return module
         device = next(module.parameters()).device
         device_ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+        # buffers are statistics rebuilt identically from the data on every rank: nothing to broadcast
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True,
+                                                         broadcast_buffers=False)
 
 
 def init_distributed(device: torch.device) -> Distributed:

@@ -73,6 +73,7 @@ def pretrain(
     report_test: bool = False,
     resume: bool = False,
     overwrite: bool = False,
+    record_config: Optional[dict[str, Any]] = None,
 ) -> PretrainResult:
     """Train ``config.model`` on ``data``'s training interactions; keep the best-validation weights.
 
@@ -91,6 +92,9 @@ def pretrain(
             is snapshotted at every evaluation; a run killed at any moment resumes to exactly the
             result of an uninterrupted one on the same machine and thread count).
         overwrite: replace a run already in ``output_dir``.
+        record_config: what ``run.json`` records as the run's config (``resume`` compares it);
+            default: the whole ``config``. The pretrained-model cache records exactly what its key
+            hashes, so a resumed cache entry does not depend on unrelated sections.
 
     Raises:
         ConfigError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given,
@@ -104,8 +108,9 @@ def pretrain(
     output = Path(output_dir) if output_dir is not None else None
     run = None
     if output is not None:
-        run = RunFolder.claim(output, "pretrain", {**config.to_dict(), "init_from": str(init_from)},
-                              resume=resume, overwrite=overwrite, distributed=distributed)
+        identity = record_config if record_config is not None else {**config.to_dict(), "init_from": str(init_from)}
+        run = RunFolder.claim(output, "pretrain", {**identity, "processes": distributed.world}, resume=resume,
+                              overwrite=overwrite, distributed=distributed, inputs=(init_from,))
         if run.finished:
             return _finished_result(output, data, report_test, log)
     writes = output is not None and distributed.main  # rank 0 writes checkpoints, logs and snapshots
@@ -172,17 +177,22 @@ def pretrain(
         model.train()
         total, batches = 0.0, 0
         for batch in model.training_batches(table, settings.batch_size, generator):
-            if distributed.active:
-                batch = batch.select(distributed.shard(batch.batch_size))
-            loss = training_loss(batch, shared_sampler, config.diffusion.reweight, noise)
-            if not torch.isfinite(loss):
+            scale = 1.0
+            if distributed.active:  # each rank's share of the batch mean, so DDP's average is the batch mean
+                if batch.batch_size < distributed.world:
+                    continue  # a last batch smaller than the number of processes is dropped
+                rows = distributed.shard(batch.batch_size)
+                scale = len(rows) * distributed.world / batch.batch_size
+                batch = batch.select(rows)
+            loss = training_loss(batch, shared_sampler, config.diffusion.reweight, noise) * scale
+            if distributed.any(not bool(torch.isfinite(loss))):
                 where = f"; the last good checkpoint (epoch {state['best_epoch']}) is intact in {output}" if output else ""
-                raise TrainingError(f"pretraining {config.model.name}: the loss became {float(loss)} in epoch {epoch} "
+                raise TrainingError(f"pretraining {config.model.name}: the loss became {float(loss.detach())} in epoch {epoch} "
                                     f"(batch {batches + 1}){where}. Lower pretrain.lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, batches = total + loss.item(), batches + 1
+            total, batches = total + loss.item() / scale, batches + 1
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                                "train_loss": distributed.mean({"loss": total / batches})["loss"]}
         if epoch == state["epoch"] + 1 and snapshot is None:
@@ -254,8 +264,8 @@ def pretrain(
         record = _record(best_metrics, best_epoch, config)
         record.update({"epochs_run": epoch, "seconds": seconds, "seconds_to_best": state["seconds_to_best"]})
         write_json_atomic(output / METRICS_FILE, record)
-        shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # only a run that has not finished resumes
         run.finish(best_epoch=best_epoch, epochs_run=epoch, seconds=seconds, processes=distributed.world)
+        shutil.rmtree(output / STATE_DIR, ignore_errors=True)  # after finish: a finished run resumes nothing
     distributed.barrier()
     return PretrainResult(model, best_epoch, best_valid, best_metrics, epoch, seconds, state["seconds_to_best"],
                           history)

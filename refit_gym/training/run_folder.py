@@ -81,11 +81,12 @@ class RunFolder:
 
     @classmethod
     def claim(cls, path: str | Path, kind: str, config: dict[str, Any], resume: bool = False,
-              overwrite: bool = False, distributed: Any = None) -> "RunFolder":
+              overwrite: bool = False, distributed: Any = None, inputs: tuple = ()) -> "RunFolder":
         """Check the rules for ``path`` and write its ``run.json`` (status ``running``).
 
         Data-parallel (``distributed``, a :class:`~refit_gym.training.distributed.Distributed`),
-        rank 0 claims the folder and every rank gets its verdict, or the same error.
+        rank 0 claims the folder and every rank gets its verdict, or the same error. ``inputs``
+        are paths the run reads (a pretrained checkpoint): ``overwrite`` never deletes one of them.
 
         Raises:
             ConfigError: the folder holds a run and neither ``resume`` nor ``overwrite`` is
@@ -96,28 +97,31 @@ class RunFolder:
             outcome: Any = None
             if distributed.main:
                 try:
-                    outcome = cls.claim(path, kind, config, resume, overwrite)
+                    outcome = cls.claim(path, kind, config, resume, overwrite, inputs=inputs)
                 except ConfigError as error:
                     outcome = error
             outcome = distributed.broadcast_object(outcome)
             if isinstance(outcome, ConfigError):
                 raise outcome
             return outcome
-        path, config, record = cls.check(path, kind, config, resume, overwrite)
+        path, config, record = cls.check(path, kind, config, resume, overwrite, inputs)
         if overwrite and record is not None:
             for child in path.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         path.mkdir(parents=True, exist_ok=True)
         started = record.get("started") if (resume and record) else time.strftime("%Y-%m-%d %H:%M:%S")
         finished = bool(resume and record and record.get("status") == "finished")
+        if finished:  # a kill after finishing but before the state was deleted leaves it behind
+            for leftover in ("training_state", "trainer_state"):
+                shutil.rmtree(path / leftover, ignore_errors=True)
         folder = cls(path, kind, config, bool(resume and record), finished)
         if not finished:
             folder._record("running", started=started)
         return folder
 
     @staticmethod
-    def check(path: str | Path, kind: str, config: dict[str, Any], resume: bool = False, overwrite: bool = False
-              ) -> tuple[Path, dict[str, Any], Optional[dict[str, Any]]]:
+    def check(path: str | Path, kind: str, config: dict[str, Any], resume: bool = False, overwrite: bool = False,
+              inputs: tuple = ()) -> tuple[Path, dict[str, Any], Optional[dict[str, Any]]]:
         """The checks of :meth:`claim`, writing nothing (for a command to fail before any work).
 
         Returns ``(path, the JSON-normalised config, the existing run record or None)``.
@@ -144,6 +148,14 @@ class RunFolder:
             raise ConfigError(f"{path} already holds a {record.get('status', 'unknown')} {record.get('kind')} run "
                               f"(started {record.get('started', '?')}); pass --resume to continue it or --overwrite "
                               "to replace it")
+        elif record is not None and overwrite:
+            if record.get("kind") != kind:
+                raise ConfigError(f"{path} holds a {record.get('kind')} run: --overwrite replaces only a {kind} run "
+                                  "(choose another folder)")
+            resolved = path.resolve()
+            for used in inputs:
+                if used is not None and (Path(used).resolve() == resolved or resolved in Path(used).resolve().parents):
+                    raise ConfigError(f"--overwrite would delete {used}, which this run reads; choose another --output")
         elif occupied and record is None:
             raise ConfigError(f"{path} is not empty and holds no refit-gym run; choose an empty or new folder "
                               "(it is never overwritten)")
