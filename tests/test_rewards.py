@@ -200,6 +200,25 @@ def test_neighbours_do_not_depend_on_block_size(data, measure):
     np.testing.assert_array_equal(top_k_similar_users(data.train, 3, measure).ids, reference.ids[:, :3])
 
 
+def weighted_train_with_ties(seed: int = 5, n_users: int = 61, n_items: int = 37) -> sp.csr_matrix:
+    """Weighted rows, a few repeated rows (exact ties), an empty row and a full row."""
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((n_users, n_items)) < 0.2) * rng.integers(1, 4, size=(n_users, n_items))
+    dense[10:14] = dense[3]  # users 3, 10..13 identical: tied similarities to everyone
+    dense[20], dense[21] = 0, 1
+    return sp.csr_matrix(dense.astype(np.float32))
+
+
+@pytest.mark.parametrize("measure", ["cosine", "pearson"])
+@pytest.mark.parametrize("block_size", [1, 4, 9, 16, 61])
+def test_the_symmetric_search_is_the_direct_search_bit_for_bit(data, measure, block_size):
+    for train, k in ((data.train, 7), (weighted_train_with_ties(), 9), (weighted_train_with_ties(6), 60)):
+        direct = top_k_similar_users(train, k, measure, block_size=block_size, method="direct")
+        symmetric = top_k_similar_users(train, k, measure, block_size=block_size, method="symmetric")
+        np.testing.assert_array_equal(symmetric.ids, direct.ids)
+        np.testing.assert_array_equal(symmetric.similarity.view(np.int32), direct.similarity.view(np.int32))
+
+
 def test_ties_break_toward_smaller_user_id():
     # users 1..4 are identical, so user 0 is equally similar to all of them
     rows = [[0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [2]]
