@@ -1,0 +1,373 @@
+"""Benchmark: peak memory (RSS) and time of env + reward + agent at multiples of ML-1M's size.
+
+What it measures. For each size -- a multiple of ML-1M's 5,949 users x 2,810 items (``10`` =
+59,490 x 28,100; ``1:10`` = ML-1M's users x 10x its items) at ML-1M's density (3.4 %) -- a fresh
+subprocess (so the sizes' peaks never mix; killed after ``--timeout`` s) runs four stages:
+
+==============  ===========================================================================
+stage           what runs
+==============  ===========================================================================
+``data``        ``refit_gym.data.make_synthetic(n_users, n_items, density, seed)``
+``neighbours``  the collaborative reward's top-k similar users (``find_neighbours``; ``k`` and
+                the measure of the default ``refit`` agent's reward, k = 20 cosine). Its time
+                grows with users^2 (``refit_gym/rewards/neighbours.py``)
+``learner``     a freshly initialised DiffRec base model (``--dims``, the ``ml1m_diffrec``
+                schedule, T = 40) and ``agents.trainer.build_learner`` of the default ``refit``
+                agent: the reward's bind (neighbours from the in-process cache), the env core,
+                the trainable copy, the optimiser
+``update``      ``--updates`` calls of ``agent.update`` on 128 users x 4 rollouts each
+==============  ===========================================================================
+
+For every stage it reports the wall time and the process's **peak resident set size** during
+the stage (Linux: ``VmHWM``, reset at the stage's start through ``/proc/self/clear_refs``, so a
+stage's peak is its own; where that is impossible, ``ru_maxrss``, which is cumulative), the RSS
+at the stage's start and end, and after each update its RSS and time (``update_rss_mb``,
+``update_seconds``: with many ``--updates`` this shows whether memory keeps growing).
+RSS counts everything the process holds (numpy, scipy, torch, the allocator's kept free memory),
+unlike ``tracemalloc``; on glibc, ``mallinfo2`` splits the malloc heap into memory in use and
+free memory the allocator keeps (``end_malloc_mb``, ``update_malloc_mb``), which tells a leak
+from retained free memory.
+
+A size whose data cannot fit is not attempted: before it runs, the parent estimates the bytes
+the finished dataset alone must hold (three CSR splits at 8 B per interaction plus the
+chronological training sequences at 8 B per training interaction) and skips the size when that
+exceeds ``--memory-limit-gb``. A size that is attempted runs under an address-space limit of
+``--memory-limit-gb`` (``RLIMIT_AS``), so running out of memory is a ``MemoryError`` in the
+stage where it happens, reported as such, not the system's OOM killer.
+
+``--compare-neighbours F1,F2`` also times, in the same subprocess at those sizes, the neighbour
+search as it was before it became symmetric (``method="direct"``: every block of users against
+all users, blocks of ``min(1024, 2**24 // n_users)`` users), checks that both return identical
+ids and similarities (bit for bit), and reports the time ratio.
+``--heap-allocator on|off|both`` sets ``REFIT_GYM_HEAP_ALLOCATOR`` in the subprocesses (``both``:
+each size twice, side by side; see ``refit_gym/runtime.py``).
+
+Usage::
+
+    python benchmarks/bench_memory.py [--sizes 1,10,50] [--updates 2] [--timeout 1800]
+        [--memory-limit-gb 18] [--compare-neighbours 1,3] [--output runs/bench_memory.json]
+    python benchmarks/bench_memory.py --sizes 1:10 --updates 12 --heap-allocator both  # allocator growth
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+ML1M_USERS, ML1M_ITEMS, ML1M_DENSITY = 5949, 2810, 0.034
+DATA_BYTES_PER_INTERACTION = 8 + 0.7 * 8
+"""Lower bound of the finished data: float32 value + int32 index in a CSR split, plus the int64
+item of the chronological training sequence (70 % of the interactions are training ones)."""
+_RESULT, _INFO = "BENCH-RESULT ", "BENCH-INFO "
+STAGES = ("data", "neighbours", "neighbours_direct", "learner", "update")
+
+
+# ---------------------------------------------------------------------------- memory probes
+
+
+def _status_mb(field: str) -> Optional[float]:
+    """A ``VmRSS`` / ``VmHWM`` line of ``/proc/self/status`` in MiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> Optional[float]:
+    return _status_mb("VmRSS")
+
+
+_MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+
+
+def malloc_mb() -> Optional[dict[str, float]]:
+    """glibc's own counts (``mallinfo2``, glibc >= 2.33), MiB: ``in_use`` (heap blocks in use plus
+    mmap-ed blocks) and ``kept_free`` (free heap memory the allocator keeps); None elsewhere."""
+    import ctypes
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
+
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return {"in_use": (info.uordblks + info.hblkhd) / 2**20, "kept_free": info.fordblks / 2**20}
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb(resettable: bool) -> float:
+    """Peak RSS since the last :func:`reset_peak` (or since the start, when it cannot be reset)."""
+    if resettable:
+        value = _status_mb("VmHWM")
+        if value is not None:
+            return value
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (2**20 if platform.system() == "Darwin" else 1024)
+
+
+# ---------------------------------------------------------------------------- the worker (one size)
+
+
+def emit(prefix: str, payload: dict) -> None:
+    print(prefix + json.dumps(payload), flush=True)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[dict]:
+    """Time a stage and record its own peak RSS; emits the record when the stage ends."""
+    gc.collect()
+    record: dict[str, Any] = {"start_rss_mb": rss_mb()}
+    resettable = reset_peak()
+    emit(_INFO, {"stage_started": name})
+    start = time.perf_counter()
+    yield record
+    record["seconds"] = time.perf_counter() - start
+    record["peak_rss_mb"] = peak_mb(resettable)
+    record["peak_is_cumulative"] = not resettable
+    record["end_rss_mb"] = rss_mb()
+    record["end_malloc_mb"] = malloc_mb()
+    emit(_RESULT, {"stage": name, **record})
+
+
+def run_size(args: argparse.Namespace) -> None:
+    """The subprocess of one size: build and measure every stage, emitting one line per stage."""
+    limit = int(args.memory_limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from agents.config import finetune_config
+    from agents.trainer import build_learner
+    from refit_gym.config import load_config
+    from refit_gym.data import make_synthetic
+    from refit_gym.rewards import find_neighbours, top_k_similar_users
+    from refit_gym.rewards.neighbours import default_block_size
+    from refit_gym.rewards.registry import normalize_reward_spec
+    from refit_gym.runtime import tune_cpu_runtime
+    from refit_gym.training.cache import fresh_model
+
+    runtime = tune_cpu_runtime()  # as the CLI: REFIT_GYM_HEAP_ALLOCATOR decides the heap policy
+    users_factor, items_factor = parse_size(args.worker)
+    n_users, n_items = round(ML1M_USERS * users_factor), round(ML1M_ITEMS * items_factor)
+    emit(_INFO, {"runtime": runtime, "threads": torch.get_num_threads(), "rss_mb_at_start": rss_mb()})
+
+    with stage("data") as record:
+        data = make_synthetic(n_users=n_users, n_items=n_items, density=args.density, seed=args.seed)
+        record["summary"] = {k: v for k, v in data.summary().items() if k != "source"}
+
+    settings = finetune_config({"agent": "refit"})  # the defaults: the collaborative reward, k = 20
+    collaborative = [t for t in normalize_reward_spec(settings.reward).values() if t["type"] == "collaborative"]
+    k, measure = collaborative[0].get("k", 20), collaborative[0].get("similarity", "cosine")
+    with stage("neighbours") as record:
+        neighbours = find_neighbours(data.train, k, measure)
+        record.update(k=k, measure=measure, block_size=default_block_size(data.n_users, data.n_items))
+    if args.compare_neighbours_here:
+        with stage("neighbours_direct") as record:
+            # the search as it was before the symmetric one: every block against all users,
+            # blocks of min(1024, 2**24 // n_users) users
+            old_block = max(1, min(1024, (1 << 24) // data.n_users))
+            direct = top_k_similar_users(data.train, k, measure, block_size=old_block, method="direct")
+            record["block_size"] = old_block
+            record["identical"] = bool(np.array_equal(direct.ids, neighbours.ids)
+                                       and np.array_equal(direct.similarity, neighbours.similarity))
+        del direct
+
+    config = load_config("ml1m_diffrec", {"device": "cpu", "model.dims": args.dims})
+    with stage("learner") as record:
+        base = fresh_model(config, data)
+        agent = build_learner(settings, base, data)
+        record["parameters"] = sum(p.numel() for p in agent.policy.parameters())
+
+    rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    with stage("update") as record:
+        record["update_seconds"], record["update_rss_mb"], record["update_malloc_mb"] = [], [], []
+        for _ in range(args.updates):
+            users = rng.choice(data.n_users, size=min(settings.users_per_batch, data.n_users), replace=False)
+            start = time.perf_counter()
+            agent.update(users, rng, generator)
+            record["update_seconds"].append(time.perf_counter() - start)
+            record["update_rss_mb"].append(rss_mb())
+            record["update_malloc_mb"].append(malloc_mb())
+
+
+# ---------------------------------------------------------------------------- the parent
+
+
+def parse_size(text: str) -> tuple[float, float]:
+    """``"10"`` -> (10, 10) (users and items scaled alike); ``"1:10"`` -> (1, 10)."""
+    users, _, items = text.partition(":")
+    return float(users), float(items or users)
+
+
+def estimated_data_gb(size: str, density: float) -> float:
+    users, items = parse_size(size)
+    interactions = ML1M_USERS * users * ML1M_ITEMS * items * density
+    return interactions * DATA_BYTES_PER_INTERACTION / 2**30
+
+
+def run_subprocess(size: str, args: argparse.Namespace, heap: Optional[str]) -> dict:
+    """Run one size in a subprocess (own session, killed at the timeout); collect its records."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", size, "--density", str(args.density),
+               "--seed", str(args.seed), "--updates", str(args.updates), "--threads", str(args.threads),
+               "--memory-limit-gb", str(args.memory_limit_gb), "--dims", ",".join(map(str, args.dims))]
+    if size in args.compare_neighbours:
+        command.append("--compare-neighbours-here")
+    env = dict(os.environ)
+    if heap is not None:
+        env["REFIT_GYM_HEAP_ALLOCATOR"] = "1" if heap == "on" else "0"
+    result: dict[str, Any] = {"size": size, "heap_allocator_env": env.get("REFIT_GYM_HEAP_ALLOCATOR", "default"),
+                              "stages": {}, "log": []}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+
+    def read() -> None:
+        for line in process.stdout:
+            if line.startswith(_RESULT):
+                record = json.loads(line[len(_RESULT):])
+                result["stages"][record.pop("stage")] = record
+            elif line.startswith(_INFO):
+                info = json.loads(line[len(_INFO):])
+                result["current_stage"] = info.get("stage_started", result.get("current_stage"))
+                result.update({k: v for k, v in info.items() if k != "stage_started"})
+            else:
+                result["log"].append(line.rstrip())
+            print(f"  [{size}] {line.rstrip()}", flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        returncode = process.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the subprocess's own session: only what we started
+        returncode = process.wait()
+        result["status"] = f"timed out after {args.timeout} s in stage {result.get('current_stage')}"
+    reader.join(timeout=10)
+    if "status" not in result:
+        if returncode == 0:
+            result["status"] = "ok"
+        else:
+            errors = [line for line in result["log"] if "Error" in line]
+            result["status"] = (f"failed (exit {returncode}) in stage {result.get('current_stage')}: "
+                                f"{errors[-1] if errors else 'see log'}")
+    if result["status"] == "ok":
+        result["log"] = result["log"][-5:]
+    else:
+        result["log"] = result["log"][-30:]
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'size':>6} {'users x items':>17} {'heap':>5} {'stage':>17} {'seconds':>9} {'peak RSS MB':>12} " \
+             f"{'start MB':>9} {'end MB':>9}"
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        users, items = parse_size(result["size"])
+        shape = f"{round(ML1M_USERS * users)} x {round(ML1M_ITEMS * items)}"
+        heap = {"1": "on", "0": "off"}.get(result["heap_allocator_env"], "env")
+        for name in STAGES:
+            record = result["stages"].get(name)
+            if record is None:
+                continue
+            print(f"{result['size']:>6} {shape:>17} {heap:>5} {name:>17} {record['seconds']:>9.2f} "
+                  f"{record['peak_rss_mb']:>12.0f} {record['start_rss_mb']:>9.0f} {record['end_rss_mb']:>9.0f}")
+        if "update" in result["stages"]:
+            update = result["stages"]["update"]
+            print(f"{'':>49}per update: s {[round(s, 2) for s in update['update_seconds']]}, "
+                  f"RSS MB {[round(m) for m in update['update_rss_mb']]}")
+            if update["update_malloc_mb"] and update["update_malloc_mb"][-1]:
+                print(f"{'':>49}malloc in use MB {[round(m['in_use']) for m in update['update_malloc_mb']]}, "
+                      f"kept free MB {[round(m['kept_free']) for m in update['update_malloc_mb']]}")
+        if "neighbours_direct" in result["stages"]:
+            fast, direct = result["stages"]["neighbours"], result["stages"]["neighbours_direct"]
+            print(f"{'':>49}neighbours: before (direct, {direct['block_size']}-user blocks) / now = "
+                  f"{direct['seconds'] / fast['seconds']:.2f} (identical results: {direct['identical']})")
+        if result["status"] != "ok":
+            print(f"{'':>49}{result['status']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,10,50",
+                        help="comma-separated multiples of ML-1M (USERS or USERS:ITEMS factors)")
+    parser.add_argument("--density", type=float, default=ML1M_DENSITY)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--updates", type=int, default=2, help="agent.update calls (128 users x 4 rollouts)")
+    parser.add_argument("--dims", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128],
+                        help="DiffRec hidden dims of the freshly initialised base model")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per size before it is killed")
+    parser.add_argument("--memory-limit-gb", type=float, default=18.0,
+                        help="address-space limit of each size's subprocess (and the skip threshold)")
+    parser.add_argument("--compare-neighbours", default="",
+                        help="sizes at which the reference (direct) neighbour search is timed too")
+    parser.add_argument("--heap-allocator", choices=["env", "on", "off", "both"], default="env",
+                        help="REFIT_GYM_HEAP_ALLOCATOR of the subprocesses (env: inherit)")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compare-neighbours-here", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        run_size(args)
+        return
+    args.compare_neighbours = [s for s in args.compare_neighbours.split(",") if s]
+    heaps = {"env": [None], "on": ["on"], "off": ["off"], "both": ["off", "on"]}[args.heap_allocator]
+    results = []
+    for size in [s for s in args.sizes.split(",") if s]:
+        needed = estimated_data_gb(size, args.density)
+        for heap in heaps:
+            if needed > args.memory_limit_gb:
+                users, items = parse_size(size)
+                interactions = ML1M_USERS * users * ML1M_ITEMS * items * args.density
+                results.append({"size": size, "heap_allocator_env": {"on": "1", "off": "0"}.get(heap, "default"),
+                                "stages": {}, "status": (
+                                    f"not attempted: {interactions / 1e9:.2f} G interactions need >= {needed:.1f} GiB "
+                                    f"for the finished data alone (limit {args.memory_limit_gb:g} GiB)")})
+                print(f"[{size}] {results[-1]['status']}", flush=True)
+                continue
+            print(f"[{size}] running (heap allocator: {heap or 'env'}) ...", flush=True)
+            results.append(run_subprocess(size, args, heap))
+    print()
+    print_table(results)
+    if args.output:
+        report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                  "arguments": {k: v for k, v in vars(args).items() if k not in ("worker", "compare_neighbours_here")},
+                  "results": results}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
