@@ -39,14 +39,19 @@ stage where it happens, reported as such, not the system's OOM killer.
 search as it was before it became symmetric (``method="direct"``: every block of users against
 all users, blocks of ``min(1024, 2**24 // n_users)`` users), checks that both return identical
 ids and similarities (bit for bit), and reports the time ratio.
-``--heap-allocator on|off|both`` sets ``REFIT_GYM_HEAP_ALLOCATOR`` in the subprocesses (``both``:
-each size twice, side by side; see ``refit_gym/runtime.py``).
+``--allocator env,off,on,thp`` runs each size once per allocator setting, the settings
+alternating ``--repeats`` times (so that load on a shared machine drifts into every setting
+alike): ``off`` / ``on`` set ``REFIT_GYM_HEAP_ALLOCATOR=0`` / ``1`` (glibc's default policy / large
+blocks kept on the heap, see ``refit_gym/runtime.py``), ``thp`` is ``off`` plus
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35: transparent huge pages for mmap-ed
+blocks), ``env`` inherits the environment.
 
 Usage::
 
     python benchmarks/bench_memory.py [--sizes 1,10,50] [--updates 2] [--timeout 1800]
         [--memory-limit-gb 18] [--compare-neighbours 1,3] [--output runs/bench_memory.json]
-    python benchmarks/bench_memory.py --sizes 1:10 --updates 12 --heap-allocator both  # allocator growth
+    python benchmarks/bench_memory.py --sizes 1:10 --updates 30 --allocator off,on  # allocator growth
+    python benchmarks/bench_memory.py --sizes 1:10 --dims 200,600 --updates 4 --allocator off,on,thp --repeats 2
 """
 
 from __future__ import annotations
@@ -236,18 +241,25 @@ def estimated_data_gb(size: str, density: float) -> float:
     return interactions * DATA_BYTES_PER_INTERACTION / 2**30
 
 
-def run_subprocess(size: str, args: argparse.Namespace, heap: Optional[str]) -> dict:
+ALLOCATORS = {
+    "env": {},
+    "off": {"REFIT_GYM_HEAP_ALLOCATOR": "0"},
+    "on": {"REFIT_GYM_HEAP_ALLOCATOR": "1"},
+    "thp": {"REFIT_GYM_HEAP_ALLOCATOR": "0", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+"""The environment each ``--allocator`` setting gives the subprocess."""
+
+
+def run_subprocess(size: str, args: argparse.Namespace, allocator: str) -> dict:
     """Run one size in a subprocess (own session, killed at the timeout); collect its records."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", size, "--density", str(args.density),
                "--seed", str(args.seed), "--updates", str(args.updates), "--threads", str(args.threads),
                "--memory-limit-gb", str(args.memory_limit_gb), "--dims", ",".join(map(str, args.dims))]
     if size in args.compare_neighbours:
         command.append("--compare-neighbours-here")
-    env = dict(os.environ)
-    if heap is not None:
-        env["REFIT_GYM_HEAP_ALLOCATOR"] = "1" if heap == "on" else "0"
-    result: dict[str, Any] = {"size": size, "heap_allocator_env": env.get("REFIT_GYM_HEAP_ALLOCATOR", "default"),
-                              "stages": {}, "log": []}
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    result: dict[str, Any] = {"size": size, "allocator": allocator, "stages": {}, "log": [],
+                              "environment": {k: env.get(k) for k in ("REFIT_GYM_HEAP_ALLOCATOR", "GLIBC_TUNABLES")}}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                start_new_session=True)
 
@@ -288,19 +300,18 @@ def run_subprocess(size: str, args: argparse.Namespace, heap: Optional[str]) -> 
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'size':>6} {'users x items':>17} {'heap':>5} {'stage':>17} {'seconds':>9} {'peak RSS MB':>12} " \
+    header = f"{'size':>6} {'users x items':>17} {'alloc':>5} {'stage':>17} {'seconds':>9} {'peak RSS MB':>12} " \
              f"{'start MB':>9} {'end MB':>9}"
     print(header)
     print("-" * len(header))
     for result in results:
         users, items = parse_size(result["size"])
         shape = f"{round(ML1M_USERS * users)} x {round(ML1M_ITEMS * items)}"
-        heap = {"1": "on", "0": "off"}.get(result["heap_allocator_env"], "env")
         for name in STAGES:
             record = result["stages"].get(name)
             if record is None:
                 continue
-            print(f"{result['size']:>6} {shape:>17} {heap:>5} {name:>17} {record['seconds']:>9.2f} "
+            print(f"{result['size']:>6} {shape:>17} {result['allocator']:>5} {name:>17} {record['seconds']:>9.2f} "
                   f"{record['peak_rss_mb']:>12.0f} {record['start_rss_mb']:>9.0f} {record['end_rss_mb']:>9.0f}")
         if "update" in result["stages"]:
             update = result["stages"]["update"]
@@ -315,6 +326,26 @@ def print_table(results: list[dict]) -> None:
                   f"{direct['seconds'] / fast['seconds']:.2f} (identical results: {direct['identical']})")
         if result["status"] != "ok":
             print(f"{'':>49}{result['status']}")
+
+
+def print_allocator_summary(results: list[dict]) -> None:
+    """Per size and allocator setting (over repeats): median seconds per update after the first,
+    the update stage's peak RSS, RSS after the last update."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for result in results:
+        if "update" in result["stages"]:
+            groups.setdefault((result["size"], result["allocator"]), []).append(result["stages"]["update"])
+    if len({allocator for _, allocator in groups}) < 2:
+        return
+    print("\nallocator settings side by side (median s / update after the first, over all runs):")
+    for (size, allocator), updates in groups.items():
+        seconds = [s for update in updates for s in update["update_seconds"][1:]] or \
+                  [s for update in updates for s in update["update_seconds"]]
+        print(f"  {size:>6} {allocator:>5}: {statistics.median(seconds):6.2f} s / update ({len(seconds)} updates), "
+              f"peak RSS {max(u['peak_rss_mb'] for u in updates):6.0f} MB, after the last update "
+              f"{[round(u['update_rss_mb'][-1]) for u in updates]} MB")
 
 
 def main() -> None:
@@ -332,8 +363,10 @@ def main() -> None:
                         help="address-space limit of each size's subprocess (and the skip threshold)")
     parser.add_argument("--compare-neighbours", default="",
                         help="sizes at which the reference (direct) neighbour search is timed too")
-    parser.add_argument("--heap-allocator", choices=["env", "on", "off", "both"], default="env",
-                        help="REFIT_GYM_HEAP_ALLOCATOR of the subprocesses (env: inherit)")
+    parser.add_argument("--allocator", default="env",
+                        help="comma-separated allocator settings, each size run once per setting: "
+                             "env (inherit), off, on (REFIT_GYM_HEAP_ALLOCATOR=0/1), thp (off + glibc hugetlb)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the allocator settings this many times")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compare-neighbours-here", action="store_true", help=argparse.SUPPRESS)
@@ -342,24 +375,27 @@ def main() -> None:
         run_size(args)
         return
     args.compare_neighbours = [s for s in args.compare_neighbours.split(",") if s]
-    heaps = {"env": [None], "on": ["on"], "off": ["off"], "both": ["off", "on"]}[args.heap_allocator]
+    allocators = [a for a in args.allocator.split(",") if a]
+    unknown = sorted(set(allocators) - set(ALLOCATORS))
+    if unknown:
+        parser.error(f"unknown --allocator setting(s) {unknown}; known: {sorted(ALLOCATORS)}")
     results = []
     for size in [s for s in args.sizes.split(",") if s]:
         needed = estimated_data_gb(size, args.density)
-        for heap in heaps:
+        for allocator in allocators * args.repeats:
             if needed > args.memory_limit_gb:
                 users, items = parse_size(size)
                 interactions = ML1M_USERS * users * ML1M_ITEMS * items * args.density
-                results.append({"size": size, "heap_allocator_env": {"on": "1", "off": "0"}.get(heap, "default"),
-                                "stages": {}, "status": (
+                results.append({"size": size, "allocator": allocator, "stages": {}, "status": (
                                     f"not attempted: {interactions / 1e9:.2f} G interactions need >= {needed:.1f} GiB "
                                     f"for the finished data alone (limit {args.memory_limit_gb:g} GiB)")})
                 print(f"[{size}] {results[-1]['status']}", flush=True)
                 continue
-            print(f"[{size}] running (heap allocator: {heap or 'env'}) ...", flush=True)
-            results.append(run_subprocess(size, args, heap))
+            print(f"[{size}] running (allocator: {allocator}) ...", flush=True)
+            results.append(run_subprocess(size, args, allocator))
     print()
     print_table(results)
+    print_allocator_summary(results)
     if args.output:
         report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                   "arguments": {k: v for k, v in vars(args).items() if k not in ("worker", "compare_neighbours_here")},
