@@ -28,12 +28,15 @@ unlike ``tracemalloc``; on glibc, ``mallinfo2`` splits the malloc heap into memo
 free memory the allocator keeps (``end_malloc_mb``, ``update_malloc_mb``), which tells a leak
 from retained free memory.
 
-A size whose data cannot fit is not attempted: before it runs, the parent estimates the bytes
-the finished dataset alone must hold (three CSR splits at 8 B per interaction plus the
-chronological training sequences at 8 B per training interaction) and skips the size when that
-exceeds ``--memory-limit-gb``. A size that is attempted runs under an address-space limit of
-``--memory-limit-gb`` (``RLIMIT_AS``), so running out of memory is a ``MemoryError`` in the
-stage where it happens, reported as such, not the system's OOM killer.
+A size that cannot fit is not attempted (``--force`` tries anyway): the parent estimates its
+interactions (``n_users x n_items x density x 0.9``, what the generator delivers) and skips it
+when ``make_synthetic``'s measured peak of about 130 B per interaction exceeds
+``--memory-limit-gb``; the message also gives what the finished data alone would hold (13.6 B per
+interaction: three CSR splits and the chronological training sequences). A size that is
+attempted runs under an address-space limit of ``--memory-limit-gb`` (``RLIMIT_AS``), so running
+out of memory is a ``MemoryError`` in the stage where it happens, reported as such, not the
+system's OOM killer. ``--last-stage data`` stops after a stage (e.g. to find the largest size the
+generator can build).
 
 ``--compare-neighbours F1,F2`` also times, in the same subprocess at those sizes, the neighbour
 search as it was before it became symmetric (``method="direct"``: every block of users against
@@ -49,7 +52,8 @@ blocks), ``env`` inherits the environment.
 Usage::
 
     python benchmarks/bench_memory.py [--sizes 1,10,50] [--updates 2] [--timeout 1800]
-        [--memory-limit-gb 18] [--compare-neighbours 1,3] [--output runs/bench_memory.json]
+        [--memory-limit-gb 18] [--compare-neighbours 1,10] [--output runs/bench_memory.json]
+    python benchmarks/bench_memory.py --sizes 15 --last-stage data  # does the generator fit?
     python benchmarks/bench_memory.py --sizes 1:10 --updates 30 --allocator off,on  # allocator growth
     python benchmarks/bench_memory.py --sizes 1:10 --dims 200,600 --updates 4 --allocator off,on,thp --repeats 2
 """
@@ -73,8 +77,14 @@ from typing import Any, Iterator, Optional
 
 ML1M_USERS, ML1M_ITEMS, ML1M_DENSITY = 5949, 2810, 0.034
 DATA_BYTES_PER_INTERACTION = 8 + 0.7 * 8
-"""Lower bound of the finished data: float32 value + int32 index in a CSR split, plus the int64
-item of the chronological training sequence (70 % of the interactions are training ones)."""
+"""The finished data: float32 value + int32 index in a CSR split, plus the int64 item of the
+chronological training sequence (70 % of the interactions are training ones)."""
+GENERATOR_BYTES_PER_INTERACTION = 130
+"""Peak of ``make_synthetic`` per interaction, measured at 3x and 10x (134 and 141 B; the peak is
+in the chronological split, over the generator's int64 / float64 per-interaction arrays)."""
+GENERATED_DENSITY = 0.9
+"""The generator delivers about this fraction of the requested density (measured 0.90-0.92 at
+1x-10x: per-user counts are clipped and sampled as distinct items)."""
 _RESULT, _INFO = "BENCH-RESULT ", "BENCH-INFO "
 STAGES = ("data", "neighbours", "neighbours_direct", "learner", "update")
 
@@ -190,6 +200,8 @@ def run_size(args: argparse.Namespace) -> None:
     with stage("data") as record:
         data = make_synthetic(n_users=n_users, n_items=n_items, density=args.density, seed=args.seed)
         record["summary"] = {k: v for k, v in data.summary().items() if k != "source"}
+    if args.last_stage == "data":
+        return
 
     settings = finetune_config({"agent": "refit"})  # the defaults: the collaborative reward, k = 20
     collaborative = [t for t in normalize_reward_spec(settings.reward).values() if t["type"] == "collaborative"]
@@ -207,12 +219,16 @@ def run_size(args: argparse.Namespace) -> None:
             record["identical"] = bool(np.array_equal(direct.ids, neighbours.ids)
                                        and np.array_equal(direct.similarity, neighbours.similarity))
         del direct
+    if args.last_stage == "neighbours":
+        return
 
     config = load_config("ml1m_diffrec", {"device": "cpu", "model.dims": args.dims})
     with stage("learner") as record:
         base = fresh_model(config, data)
         agent = build_learner(settings, base, data)
         record["parameters"] = sum(p.numel() for p in agent.policy.parameters())
+    if args.last_stage == "learner":
+        return
 
     rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     with stage("update") as record:
@@ -235,10 +251,21 @@ def parse_size(text: str) -> tuple[float, float]:
     return float(users), float(items or users)
 
 
-def estimated_data_gb(size: str, density: float) -> float:
+def estimated_interactions(size: str, density: float) -> float:
     users, items = parse_size(size)
-    interactions = ML1M_USERS * users * ML1M_ITEMS * items * density
-    return interactions * DATA_BYTES_PER_INTERACTION / 2**30
+    return ML1M_USERS * users * ML1M_ITEMS * items * density * GENERATED_DENSITY
+
+
+def does_not_fit(size: str, args: argparse.Namespace) -> Optional[str]:
+    """Why the size cannot fit in ``--memory-limit-gb``, from the measured bytes per interaction; None if it may."""
+    interactions = estimated_interactions(size, args.density)
+    data_gb = interactions * DATA_BYTES_PER_INTERACTION / 2**30
+    generator_gb = interactions * GENERATOR_BYTES_PER_INTERACTION / 2**30
+    if generator_gb <= args.memory_limit_gb:
+        return None
+    return (f"not attempted: about {interactions / 1e9:.2f} G interactions; make_synthetic peaks near "
+            f"{generator_gb:.0f} GiB ({GENERATOR_BYTES_PER_INTERACTION} B each) and the finished data alone "
+            f"holds {data_gb:.1f} GiB, over the {args.memory_limit_gb:g} GiB limit (--force tries anyway)")
 
 
 ALLOCATORS = {
@@ -254,7 +281,8 @@ def run_subprocess(size: str, args: argparse.Namespace, allocator: str) -> dict:
     """Run one size in a subprocess (own session, killed at the timeout); collect its records."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", size, "--density", str(args.density),
                "--seed", str(args.seed), "--updates", str(args.updates), "--threads", str(args.threads),
-               "--memory-limit-gb", str(args.memory_limit_gb), "--dims", ",".join(map(str, args.dims))]
+               "--memory-limit-gb", str(args.memory_limit_gb), "--dims", ",".join(map(str, args.dims)),
+               "--last-stage", args.last_stage]
     if size in args.compare_neighbours:
         command.append("--compare-neighbours-here")
     env = {**os.environ, **ALLOCATORS[allocator]}
@@ -325,7 +353,8 @@ def print_table(results: list[dict]) -> None:
             print(f"{'':>49}neighbours: before (direct, {direct['block_size']}-user blocks) / now = "
                   f"{direct['seconds'] / fast['seconds']:.2f} (identical results: {direct['identical']})")
         if result["status"] != "ok":
-            print(f"{'':>49}{result['status']}")
+            prefix = f"{result['size']:>6} {shape:>17} {result['allocator']:>5} " if not result["stages"] else ""
+            print(f"{prefix:<49}{result['status']}")
 
 
 def print_allocator_summary(results: list[dict]) -> None:
@@ -367,6 +396,9 @@ def main() -> None:
                         help="comma-separated allocator settings, each size run once per setting: "
                              "env (inherit), off, on (REFIT_GYM_HEAP_ALLOCATOR=0/1), thp (off + glibc hugetlb)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the allocator settings this many times")
+    parser.add_argument("--force", action="store_true", help="attempt sizes estimated not to fit")
+    parser.add_argument("--last-stage", choices=["data", "neighbours", "learner", "update"], default="update",
+                        help="stop after this stage (e.g. data: does the generator fit at this size?)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compare-neighbours-here", action="store_true", help=argparse.SUPPRESS)
@@ -381,14 +413,10 @@ def main() -> None:
         parser.error(f"unknown --allocator setting(s) {unknown}; known: {sorted(ALLOCATORS)}")
     results = []
     for size in [s for s in args.sizes.split(",") if s]:
-        needed = estimated_data_gb(size, args.density)
+        reason = None if args.force else does_not_fit(size, args)
         for allocator in allocators * args.repeats:
-            if needed > args.memory_limit_gb:
-                users, items = parse_size(size)
-                interactions = ML1M_USERS * users * ML1M_ITEMS * items * args.density
-                results.append({"size": size, "allocator": allocator, "stages": {}, "status": (
-                                    f"not attempted: {interactions / 1e9:.2f} G interactions need >= {needed:.1f} GiB "
-                                    f"for the finished data alone (limit {args.memory_limit_gb:g} GiB)")})
+            if reason is not None:
+                results.append({"size": size, "allocator": allocator, "stages": {}, "status": reason})
                 print(f"[{size}] {results[-1]['status']}", flush=True)
                 continue
             print(f"[{size}] running (allocator: {allocator}) ...", flush=True)
