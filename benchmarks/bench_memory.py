@@ -30,7 +30,7 @@ from retained free memory.
 
 A size that cannot fit is not attempted (``--force`` tries anyway): the parent estimates its
 interactions (``n_users x n_items x density x 0.9``, what the generator delivers) and skips it
-when ``make_synthetic``'s measured peak of about 130 B per interaction exceeds
+when ``make_synthetic``'s measured peak of about 138 B per interaction exceeds
 ``--memory-limit-gb``; the message also gives what the finished data alone would hold (13.6 B per
 interaction: three CSR splits and the chronological training sequences). A size that is
 attempted runs under an address-space limit of ``--memory-limit-gb`` (``RLIMIT_AS``), so running
@@ -79,12 +79,12 @@ ML1M_USERS, ML1M_ITEMS, ML1M_DENSITY = 5949, 2810, 0.034
 DATA_BYTES_PER_INTERACTION = 8 + 0.7 * 8
 """The finished data: float32 value + int32 index in a CSR split, plus the int64 item of the
 chronological training sequence (70 % of the interactions are training ones)."""
-GENERATOR_BYTES_PER_INTERACTION = 130
-"""Peak of ``make_synthetic`` per interaction, measured at 3x and 10x (134 and 141 B; the peak is
+GENERATOR_BYTES_PER_INTERACTION = 138
+"""Peak RSS of ``make_synthetic`` per interaction, measured at 10x and 15x (138 B both; the peak is
 in the chronological split, over the generator's int64 / float64 per-interaction arrays)."""
 GENERATED_DENSITY = 0.9
-"""The generator delivers about this fraction of the requested density (measured 0.90-0.92 at
-1x-10x: per-user counts are clipped and sampled as distinct items)."""
+"""The generator delivers about this fraction of the requested density (measured 0.91-0.92 at
+1x-15x: per-user counts are clipped and sampled as distinct items)."""
 _RESULT, _INFO = "BENCH-RESULT ", "BENCH-INFO "
 STAGES = ("data", "neighbours", "neighbours_direct", "learner", "update")
 

@@ -1,14 +1,14 @@
 """The collaborative term: how likely the final state makes what the user's nearest neighbours have.
 
 Our reading of ReFiT's "collaborative signal-aware" reward (the paper's equations are not
-available; see ``DESIGN.md``, "Reward"). At bind time, from the **training** matrix only:
+available; see ``DESIGN.md``, "Reward"). From the **training** matrix only:
 
-1. every user's top-``k`` most similar users (cosine or Pearson on training rows, computed in
-   blocks of users and cached, :mod:`refit_gym.rewards.neighbours`);
-2. a collaborative target per user: the neighbours' training items weighted by similarity
-   (neighbours with similarity ``<= 0`` ignored), **minus the user's own training items**
-   -- the high-order user -> item -> user -> item signal the user's own history does not hold
-   -- normalised to sum 1 (:func:`collaborative_targets`).
+1. at bind time, every user's top-``k`` most similar users (cosine or Pearson on training rows,
+   computed in blocks of users and cached, :mod:`refit_gym.rewards.neighbours`);
+2. at call time, a collaborative target per user of the batch: the neighbours' training items
+   weighted by similarity (neighbours with similarity ``<= 0`` ignored), **minus the user's own
+   training items** -- the high-order user -> item -> user -> item signal the user's own history
+   does not hold -- normalised to sum 1 (:func:`collaborative_targets`).
 
 The targets are built for the users of each call, never for all users at once: a target row
 holds the union of ``k`` neighbours' items, so the users x items target matrix is a dense matrix
