@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--axes", default="users,items", help="which sizes to vary: users, items or both")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-heap-allocator", action="store_true",
-                        help="keep glibc's default mmap policy for large tensors (see refit_gym/runtime.py)")
+                        help="keep glibc's default mmap policy for large tensors even with REFIT_GYM_HEAP_ALLOCATOR=1 "
+                             "(the default since the heap policy is opt-in; see refit_gym/runtime.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_cpu_runtime()  # flush denormals, keep large tensors on the heap (see refit_gym/runtime.py)
+    tune_cpu_runtime()  # flush denormals; the heap policy only with REFIT_GYM_HEAP_ALLOCATOR=1 (refit_gym/runtime.py)
     try:
         return args.handler(args)
     except RefitGymError as error:

@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from refit_gym.data import make_synthetic
 from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
 from refit_gym.errors import ConfigError, EpisodeStateError
 from refit_gym.rewards import (
@@ -199,6 +200,25 @@ def test_neighbours_do_not_depend_on_block_size(data, measure):
     np.testing.assert_array_equal(top_k_similar_users(data.train, 3, measure).ids, reference.ids[:, :3])
 
 
+def weighted_train_with_ties(seed: int = 5, n_users: int = 61, n_items: int = 37) -> sp.csr_matrix:
+    """Weighted rows, a few repeated rows (exact ties), an empty row and a full row."""
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((n_users, n_items)) < 0.2) * rng.integers(1, 4, size=(n_users, n_items))
+    dense[10:14] = dense[3]  # users 3, 10..13 identical: tied similarities to everyone
+    dense[20], dense[21] = 0, 1
+    return sp.csr_matrix(dense.astype(np.float32))
+
+
+@pytest.mark.parametrize("measure", ["cosine", "pearson"])
+@pytest.mark.parametrize("block_size", [1, 4, 9, 16, 61])
+def test_the_symmetric_search_is_the_direct_search_bit_for_bit(data, measure, block_size):
+    for train, k in ((data.train, 7), (weighted_train_with_ties(), 9), (weighted_train_with_ties(6), 60)):
+        direct = top_k_similar_users(train, k, measure, block_size=block_size, method="direct")
+        symmetric = top_k_similar_users(train, k, measure, block_size=block_size, method="symmetric")
+        np.testing.assert_array_equal(symmetric.ids, direct.ids)
+        np.testing.assert_array_equal(symmetric.similarity.view(np.int32), direct.similarity.view(np.int32))
+
+
 def test_ties_break_toward_smaller_user_id():
     # users 1..4 are identical, so user 0 is equally similar to all of them
     rows = [[0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [2]]
@@ -252,6 +272,50 @@ def test_collaborative_reward_gathers_rows_of_the_batch_users(data, interactions
     subset = [7, 3, 3, 21]
     part = term(scores[subset], make_episode(data, users=subset))
     assert torch.allclose(part, full[subset])
+
+
+def test_collaborative_target_rows_are_the_rows_of_the_full_matrix(data):
+    neighbours = top_k_similar_users(data.train, 5, "cosine")
+    full = collaborative_targets(data.train, neighbours)
+    users = np.array([7, 3, 3, 0, 39])
+    rows = collaborative_targets(data.train, neighbours, users)
+    # the same floats, not merely close: a row does not depend on which other rows are built
+    assert (rows != full[users]).nnz == 0 and rows.dtype == full.dtype and rows.shape == (5, N_ITEMS)
+
+
+def _held_bytes(term: CollaborativeReward, train: sp.csr_matrix) -> int:
+    """Bytes of the arrays a bound term holds, the (shared) training matrix not counted."""
+    total = 0
+    for value in vars(term).values():
+        if isinstance(value, sp.spmatrix):
+            if np.shares_memory(value.data, train.data):
+                continue
+            value = sp.csr_matrix(value)
+            total += value.data.nbytes + value.indices.nbytes + value.indptr.nbytes
+        elif isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif hasattr(value, "__dict__"):  # UserNeighbours, SparseRows, ...
+            for inner in vars(value).values():
+                if isinstance(inner, np.ndarray):
+                    total += inner.nbytes
+                elif isinstance(inner, torch.Tensor):
+                    total += inner.numel() * inner.element_size()
+    return total
+
+
+def test_a_bound_collaborative_term_holds_no_users_x_items_targets():
+    # every user's target row holds up to k x (items per user) entries: the users x items target
+    # matrix is nearly dense at scale, so the term keeps O(users x k) and builds a batch's rows per call
+    data = make_synthetic(n_users=300, n_items=200, density=0.2, seed=0)
+    interactions = TrainingInteractions.from_data(data)
+    k = 20
+    term = CollaborativeReward(k=k).bind(interactions)
+    allowed = 24 * data.n_users * k  # neighbour ids and similarities, the sparse weight matrix
+    full_targets = collaborative_targets(data.train, term.neighbours)
+    assert full_targets.nnz * 8 > 1.5 * allowed  # holding the full matrix (its CSR alone) would cost more
+    assert _held_bytes(term, interactions.train) <= allowed
 
 
 def test_collaborative_needs_bind(episode, scores):

@@ -6,6 +6,7 @@ switched back off after each test.
 """
 
 import ctypes
+import os
 import platform
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_no_mallopt_outside_glibc(monkeypatch):
 
 @pytest.mark.parametrize(
     "value, requested",
-    [("0", False), ("off", False), (" False ", False), ("no", False), ("1", True), ("", True), (None, True)],
+    [("0", False), ("off", False), (" False ", False), ("no", False), ("", False), (None, False), ("1", True),
+     (" on ", True), ("yes", True)],
 )
 def test_the_environment_variable_switches_the_heap_policy(monkeypatch, heap_policy_spy, value, requested):
     if value is None:
@@ -198,3 +200,38 @@ def test_under_the_policy_a_64_mb_tensor_comes_from_the_heap_and_its_memory_is_k
     after = _mallinfo()
     assert after.arena >= during.arena  # the heap was not trimmed back to the system
     assert after.fordblks >= BLOCK_BYTES  # the freed block is kept as free heap memory
+
+
+@pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc >= 2.33 (mallinfo2)")
+def test_by_default_freed_large_tensors_do_not_pile_up():
+    """In a fresh process with the default settings, a loop that allocates and frees large tensors,
+    keeping a small allocation each time (as any training loop does), does not grow the process.
+    Under the heap policy it did, by a block per iteration without bound: torch asks for 64-byte
+    aligned blocks, and a freed block on the heap is a few bytes too small for the next identical
+    aligned request, so each request takes fresh memory while small allocations split the holes."""
+    script = (
+        "import ctypes, torch\n"
+        "from refit_gym.runtime import tune_cpu_runtime\n"
+        "class MallInfo2(ctypes.Structure):\n"
+        f"    _fields_ = [(name, ctypes.c_size_t) for name in {_MALLINFO2_FIELDS!r}]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype = MallInfo2\n"
+        "def footprint():\n"
+        "    info = libc.mallinfo2()\n"
+        "    return info.arena + info.hblkhd  # heap plus mmap-ed blocks\n"
+        "print(tune_cpu_runtime()['heap_allocator'])\n"
+        "kept = []\n"
+        "for i in range(12):\n"
+        f"    a, b = torch.ones({BLOCK_BYTES // 4}), torch.ones({BLOCK_BYTES // 4})\n"
+        "    kept.append(torch.empty(1000))\n"
+        "    c = a + b\n"
+        "    del a, b, c\n"
+        "    if i == 1:\n"
+        "        start = footprint()\n"
+        "print(footprint() - start)\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "REFIT_GYM_HEAP_ALLOCATOR"}
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env=environment).stdout.split()
+    assert output[0] == "False"  # the default leaves glibc's policy alone
+    assert int(output[1]) < BLOCK_BYTES  # 10 more iterations: under the heap policy, ~10 blocks more

@@ -16,11 +16,39 @@ never its own neighbour. Ties are broken toward the smaller user id, so the resu
 and deterministic: it does not depend on the block size, and the top ``k' < k`` is the prefix
 of the top ``k``.
 
-Cost: one sparse x dense product per block of ``block_size`` users (``O(nnz * block_size)``,
-so ``O(nnz * n_users)`` in all: a one-time, cached cost that grows quadratically with the
-number of users) and a top-k per row; memory ``O(block_size * n_users)``. The users x users
-matrix is never held. It runs on the CPU (scipy + torch); only the resulting targets move to
-the reward's device. On ML-1M (5,949 x 2,810, k = 20) it takes 1-3 s on a shared 2-core machine.
+How (``method="symmetric"``, the default): the users are taken in blocks of ``block_size``; block
+``[s, e)`` is multiplied (sparse x dense, scipy) with the users ``v >= s`` only, which gives the
+block's own candidates among ``v >= s`` and, for every later user, its candidates in the block;
+those are merged into a running top-k that holds each user's best among ``v < s`` when its own
+block comes. So every pair of users is multiplied once, not twice as in ``method="direct"``
+(every block against all users, the reference). Both return the same arrays bit for bit: a
+pair's similarity is the float32 sum of the same products in the same (ascending item) order
+whichever of the two users is in the block, and candidates are compared by exact
+``(value, -id)`` keys. A user whose block values are all at most its running k-th value is
+skipped by the merge (equal values lose: the running ids are smaller).
+
+Cost: ``O(nnz * n_users / 2)`` multiply-adds in all, a one-time, cached cost: quadratic in the
+number of users at a fixed number of items per user, cubic in a factor that scales users and
+items together at a fixed density (``nnz`` grows with both); a top-k per row; memory
+``O(block_size * n_users + k * n_users)``. The users x users matrix is never held. It runs on
+the CPU (scipy + torch, one thread); only the resulting targets move to the reward's device.
+The default block keeps the dense ``n_items x block_size`` operand in cache
+(:data:`BLOCK_ITEM_ENTRIES`). Measured (``benchmarks/bench_memory.py``, synthetic data at ML-1M's
+density, k = 20, one thread on a 2-core machine shared with another job), against the direct
+search with its former blocks of ``min(1024, 2**24 // n_users)`` users:
+
+=====================  ===========  ==========  =====
+size                   before       now         ratio
+=====================  ===========  ==========  =====
+1x (5,949 x 2,810)     0.80 s       0.46 s      1.7
+3x (17,847 x 8,430)    14.6 s       5.7 s       2.6
+10x (59,490 x 28,100)  1115 s       190 s       5.9
+=====================  ===========  ==========  =====
+
+(Each row one process, the two searches one after the other, identical results. The machine's
+load average rose from about 5 to 8 during the 10x "before" run, which inflates that ratio;
+extrapolated from the direct product's cost per block, timed separately, it is about 4.) At 50x
+ML-1M (297,450 x 140,500) the search is 125 times the 10x one: about 7 hours.
 """
 
 from __future__ import annotations
@@ -36,8 +64,13 @@ from refit_gym.rewards._checks import check_choice, check_int_in_range
 from refit_gym.rewards.cache import MemoryCache, PathLike, load_arrays, matrix_fingerprint, resolve_cache_dir, save_arrays
 
 SIMILARITIES = ("cosine", "pearson")
+METHODS = ("symmetric", "direct")
 BLOCK_ENTRIES = 1 << 24
-"""Default block: as many users as keep ``block_size * n_users`` near 16.8 M (at most 1024)."""
+"""Default block: at most as many users as keep ``block_size * n_users`` near 16.8 M."""
+BLOCK_ITEM_ENTRIES = 1 << 22
+"""Default block: at most as many users as keep the dense ``n_items x block_size`` operand near
+4.2 M entries (16 MB), rounded down to a power of two, at most 512 (measured fastest on 1x, 3x
+and 10x ML-1M: 512, 256 and 128 users; a block whose operand overflows the cache is up to 2x slower)."""
 
 _MEMORY_CACHE = MemoryCache(maxsize=8)
 
@@ -113,19 +146,37 @@ def similarity_factors(train: sp.spmatrix, measure: str) -> tuple[sp.csr_matrix,
     return factors, a
 
 
-def similarity_block(factors: sp.csr_matrix, a: Optional[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Similarities of users ``start..stop-1`` to all users, ``float32 (n_users, stop - start)``.
+def similarity_block(
+    factors: sp.csr_matrix, a: Optional[np.ndarray], start: int, stop: int, first_row: int = 0
+) -> np.ndarray:
+    """Similarities of users ``start..stop-1`` to users ``first_row..``, ``float32 (n_users - first_row, stop - start)``.
 
-    Column ``j`` is user ``start + j``; its own entry is ``-inf`` (a user is not its own neighbour).
+    Row ``i`` is user ``first_row + i``, column ``j`` user ``start + j``; a user's own entry is
+    ``-inf`` (a user is not its own neighbour). Entry ``(v, u)`` is the float32 sum of
+    ``z_vi * z_ui`` over the items ``i`` of ``v`` in ascending order (scipy's CSR x dense
+    product), the same float as entry ``(u, v)``: the products are the same and so is the order.
     """
     block_t = factors[start:stop].T.toarray()  # (n_items, b), dense
-    sims = np.asarray(factors @ block_t, dtype=np.float32)  # (n_users, b)
+    sims = np.asarray(_rows_from(factors, first_row) @ block_t, dtype=np.float32)  # (n_users - first_row, b)
     if a is not None:
         a32 = a.astype(np.float32)
-        sims -= np.outer(a32, a32[start:stop])
+        sims -= np.outer(a32[first_row:], a32[start:stop])
     columns = np.arange(stop - start)
-    sims[start + columns, columns] = -np.inf
+    own_rows = start + columns - first_row
+    inside = own_rows >= 0
+    sims[own_rows[inside], columns[inside]] = -np.inf
     return sims
+
+
+def _rows_from(matrix: sp.csr_matrix, first_row: int) -> sp.csr_matrix:
+    """Rows ``first_row..`` of a CSR matrix as a view of its arrays (scipy's slicing copies them)."""
+    if first_row == 0:
+        return matrix
+    offset = matrix.indptr[first_row]
+    return sp.csr_matrix(
+        (matrix.data[offset:], matrix.indices[offset:], matrix.indptr[first_row:] - offset),
+        shape=(matrix.shape[0] - first_row, matrix.shape[1]), copy=False,
+    )
 
 
 def _order_keys(values: torch.Tensor, ids: torch.Tensor, n_ids: int) -> torch.Tensor:
@@ -155,9 +206,12 @@ def _top_k_rows(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.gather(ids, 1, order), torch.gather(values, 1, order)
 
 
-def default_block_size(n_users: int) -> int:
-    """``min(1024, BLOCK_ENTRIES // n_users)``, at least 1."""
-    return max(1, min(1024, BLOCK_ENTRIES // max(n_users, 1)))
+def default_block_size(n_users: int, n_items: Optional[int] = None) -> int:
+    """``min(512, BLOCK_ENTRIES // n_users, 2 ** floor(log2(BLOCK_ITEM_ENTRIES // n_items)))``, at least 1."""
+    size = min(512, BLOCK_ENTRIES // max(n_users, 1))
+    if n_items is not None:
+        size = min(size, 1 << max(0, (BLOCK_ITEM_ENTRIES // max(n_items, 1)).bit_length() - 1))
+    return max(1, size)
 
 
 def top_k_similar_users(
@@ -166,6 +220,7 @@ def top_k_similar_users(
     measure: str = "cosine",
     block_size: Optional[int] = None,
     progress: bool = False,
+    method: str = "symmetric",
 ) -> UserNeighbours:
     """Compute every user's ``k`` most similar other users, ``block_size`` users at a time.
 
@@ -176,30 +231,90 @@ def top_k_similar_users(
         block_size: users per block (``None``: :func:`default_block_size`); the result does not
             depend on it, only time and memory do.
         progress: show a progress bar over the blocks.
+        method: ``"symmetric"`` (each pair of users once, see the module docstring) or
+            ``"direct"`` (each block against all users: twice the products; the reference).
+            Both return the same arrays, bit for bit.
 
     Returns:
         The :class:`UserNeighbours`.
 
     Raises:
-        ConfigError: ``k`` or ``block_size`` out of range, or an unknown ``measure``.
+        ConfigError: ``k`` or ``block_size`` out of range, or an unknown ``measure`` or ``method``.
     """
     n_users = int(train.shape[0])
     k = check_int_in_range(k, "the number of neighbours k", 1, n_users - 1)
-    block_size = default_block_size(n_users) if block_size is None else check_int_in_range(block_size, "block_size", 1)
+    if block_size is None:
+        block_size = default_block_size(n_users, int(train.shape[1]))
+    block_size = check_int_in_range(block_size, "block_size", 1)
+    check_choice(method, METHODS, "neighbour search method")
     factors, a = similarity_factors(train, measure)
-    ids = np.empty((n_users, k), dtype=np.int64)
-    sims = np.empty((n_users, k), dtype=np.float32)
     starts = range(0, n_users, block_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"{measure} neighbours", unit="block")
+    search = _symmetric_top_k if method == "symmetric" else _direct_top_k
+    ids, sims = search(factors, a, k, block_size, starts)
+    return UserNeighbours(ids=ids, similarity=sims, measure=measure)
+
+
+def _direct_top_k(factors: sp.csr_matrix, a: Optional[np.ndarray], k: int, block_size: int,
+                  starts) -> tuple[np.ndarray, np.ndarray]:
+    """Each block of users against every user, its rows' top-k taken at once."""
+    n_users = factors.shape[0]
+    ids = np.empty((n_users, k), dtype=np.int64)
+    sims = np.empty((n_users, k), dtype=np.float32)
     for start in starts:
         stop = min(start + block_size, n_users)
         block = torch.from_numpy(similarity_block(factors, a, start, stop).T.copy())  # (b, n_users)
         block_ids, block_sims = _top_k_rows(block, k)
         ids[start:stop], sims[start:stop] = block_ids.numpy(), block_sims.numpy()
-    return UserNeighbours(ids=ids, similarity=sims, measure=measure)
+    return ids, sims
+
+
+def _symmetric_top_k(factors: sp.csr_matrix, a: Optional[np.ndarray], k: int, block_size: int,
+                     starts) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair of users once: a block against itself and the users after it.
+
+    The similarities of block ``[s, e)`` to users ``v >= s`` give (1) the block's candidates
+    among ``v >= s`` and (2) every later user's candidates among the block; (2) is merged into
+    a running top-k of each later user, which by the time its own block comes holds its best
+    among all ``v < s``. Candidates are compared by exact ``(value, -id)`` keys, so the merge
+    is exact, and a pair's similarity is the same float whichever user is the block's (a
+    float32 sum of the same products over the same items in the same, ascending item order).
+    """
+    n_users = factors.shape[0]
+    ids = np.empty((n_users, k), dtype=np.int64)
+    sims = np.empty((n_users, k), dtype=np.float32)
+    # the running best of each user among the blocks before its own; padding sorts below every candidate
+    best_keys = torch.full((n_users, k), torch.iinfo(torch.int64).min, dtype=torch.int64)
+    best_values = torch.full((n_users, k), float("-inf"), dtype=torch.float32)
+
+    def merge(keys: torch.Tensor, values: torch.Tensor, new_ids: torch.Tensor, new_values: torch.Tensor):
+        all_keys = torch.cat([keys, _order_keys(new_values, new_ids, n_users)], dim=1)
+        top_keys, where = torch.topk(all_keys, k, dim=1, largest=True, sorted=True)
+        return top_keys, torch.gather(torch.cat([values, new_values], dim=1), 1, where)
+
+    for start in starts:
+        stop = min(start + block_size, n_users)
+        # (n_users - start, b): users v >= start x the block's users
+        block = torch.from_numpy(similarity_block(factors, a, start, stop, first_row=start))
+        columns = block.T.contiguous()  # the block's users x users v >= start
+        found_ids, found_values = _top_k_rows(columns, min(k, n_users - start))
+        keys, values = merge(best_keys[start:stop], best_values[start:stop], found_ids + start, found_values)
+        ids[start:stop] = ((n_users - 1) - (keys & 0xFFFFFFFF)).numpy()
+        sims[start:stop] = values.numpy()
+        if stop < n_users:
+            later = block[stop - start:]  # users v >= stop x the block's users
+            # A user gains a neighbour here only from a value above its running k-th one: the
+            # running ids are all smaller than the block's, so an equal value loses the tie.
+            gaining = torch.nonzero((later > best_values[stop:, k - 1 :]).any(dim=1)).squeeze(1)
+            if len(gaining):
+                found_ids, found_values = _top_k_rows(later[gaining], min(k, stop - start))
+                rows = gaining + stop
+                best_keys[rows], best_values[rows] = merge(best_keys[rows], best_values[rows],
+                                                           found_ids + start, found_values)
+    return ids, sims
 
 
 def _disk_path(cache_dir, fingerprint: str, measure: str, k: int):
