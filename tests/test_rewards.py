@@ -30,6 +30,7 @@ from refit_gym.rewards import (
     clear_memory_cache,
     collaborative_targets,
     find_neighbours,
+    register_reward_term,
     reward_spec,
     top_k_similar_users,
 )
@@ -496,6 +497,70 @@ def test_build_reward_from_mapping_and_strings(interactions, episode, scores):
 def test_build_reward_rejects_bad_specs(interactions, spec, message):
     with pytest.raises(ConfigError, match=message):
         build_reward(spec, interactions)
+
+
+class ItemBonus(RewardTerm):
+    """A registrable test term: ``bonus`` times the softmax mass on item 0, input items masked."""
+
+    name = "item_bonus"
+    differentiable = True
+
+    def __init__(self, bonus: float = 1.0) -> None:
+        self.bonus = bonus
+        self.bound_to: tuple[int, int] | None = None
+
+    def bind(self, interactions, device="cpu"):
+        self.bound_to = (interactions.n_users, interactions.n_items)
+        return self
+
+    def __call__(self, scores, episode):
+        return self.bonus * masked_log_softmax(scores, episode.visible, 1.0)[:, 0].exp()
+
+    def config(self):
+        return {"term": type(self).__name__, "bonus": self.bonus}
+
+
+@pytest.fixture()
+def registered_item_bonus():
+    """``ItemBonus`` registered for one test (the registry is left as it was)."""
+    before = dict(REWARD_TERMS)
+    yield register_reward_term(ItemBonus)
+    REWARD_TERMS.clear()
+    REWARD_TERMS.update(before)
+
+
+def test_a_registered_term_is_built_by_name_bound_and_written_back(registered_item_bonus, interactions, episode,
+                                                                     scores):
+    with pytest.raises(ConfigError, match="'bogus' for reward term 'item_bonus'"):  # keywords checked as for built-ins
+        build_reward({"item_bonus": {"bonus": 2.0, "bogus": 1}}, interactions)
+    reward = build_reward({"loglik": 1.0, "bonus": {"type": "item_bonus", "weight": 0.5, "bonus": 2.0}}, interactions)
+    term = reward.terms["bonus"]
+    assert isinstance(term, ItemBonus) and term.bonus == 2.0 and term.bound_to == (N_USERS, N_ITEMS)
+    expected = reward.terms["loglik"](scores, episode) + 0.5 * term(scores, episode)
+    assert torch.allclose(reward(scores, episode), expected)
+    assert reward_spec(reward)["bonus"] == {"type": "item_bonus", "weight": 0.5, "bonus": 2.0}
+    assert list(build_reward("loglik+0.25*item_bonus", interactions).terms) == ["loglik", "item_bonus"]
+
+
+def test_register_reward_term_refuses_what_it_cannot_register(registered_item_bonus):
+    class Unnamed(RewardTerm):
+        pass
+
+    class Other(ItemBonus):
+        pass
+
+    with pytest.raises(ConfigError, match="RewardTerm subclass"):
+        register_reward_term(dict)
+    with pytest.raises(ConfigError, match="no name of its own"):
+        register_reward_term(Unnamed)
+    with pytest.raises(ConfigError, match="plain identifier"):
+        register_reward_term(ItemBonus, name="a+b")
+    with pytest.raises(ConfigError, match="taken by"):
+        register_reward_term(Other, name="item_bonus")
+    with pytest.raises(ConfigError, match="taken by"):
+        register_reward_term(Other, name="loglik")
+    assert register_reward_term(ItemBonus) is ItemBonus  # the same class again: idempotent
+    assert REWARD_TERMS["item_bonus"] is ItemBonus and REWARD_TERMS["loglik"] is HeldOutLogLikelihood
 
 
 def test_build_shaping(interactions):

@@ -9,6 +9,8 @@ Terms (each a :class:`RewardTerm`; registry names in :data:`REWARD_TERMS`):
 
 combined by :class:`WeightedReward` (built from a config by :func:`build_reward`), plus the
 potential-based :class:`HeldOutPotential` shaping (:func:`build_shaping`, off by default).
+A term of your own: subclass :class:`RewardTerm` and :func:`register_reward_term` it
+(``docs/rewards.md``, "Writing a reward term").
 """
 
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping, TrainingInteractions
@@ -29,6 +31,7 @@ from refit_gym.rewards.registry import (
     build_reward,
     build_shaping,
     normalize_reward_spec,
+    register_reward_term,
     reward_spec,
 )
 from refit_gym.rewards.shaping import HeldOutPotential
@@ -58,6 +61,7 @@ __all__ = [
     "find_neighbours",
     "matrix_fingerprint",
     "normalize_reward_spec",
+    "register_reward_term",
     "reward_spec",
     "top_k_similar_users",
 ]

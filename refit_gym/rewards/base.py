@@ -45,8 +45,12 @@ class RewardTerm:
 
     Attributes:
         name: the key under which the term's value is reported in ``info``.
-        differentiable: whether ``__call__`` is differentiable in ``scores`` (the ``supervised``
-            reference agent may only maximise differentiable terms).
+        differentiable: whether ``__call__`` returns values differentiable in ``scores`` (with
+            autograd history), so that an algorithm can maximise the term by gradient
+            (:meth:`~refit_gym.rewards.WeightedReward.split_differentiable` separates such
+            terms). The built-in agents use only the values of the env's reward terms (policy
+            gradient); ``refit`` and ``supervised`` differentiate their own held-out
+            log-likelihood term.
     """
 
     name: str = "reward"

@@ -11,12 +11,17 @@ the component name, so two terms of one type can sit side by side
 "k": 50}}``). ``weight`` defaults to 1; every other key is a keyword of the term's class. An
 entry can also be just a number (the weight). A string spec is either a JSON object or
 ``"loglik"``, ``"loglik+collaborative"``, ``"1.0*loglik+0.5*collaborative"``.
+
+A term of your own becomes a ``type`` like the built-in ones with :func:`register_reward_term`;
+an instance can also be passed as the whole spec (``build_reward(MyTerm(), ...)``, or a
+:class:`WeightedReward` of instances).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import re
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -43,6 +48,41 @@ SHAPINGS: dict[str, type[StepShaping]] = {"held_out": HeldOutPotential}
 """Registry names of the shaping potentials ``build_shaping`` knows."""
 
 RewardSpec = Union[Mapping[str, Any], str, RewardTerm]
+
+_TERM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def register_reward_term(cls: type[RewardTerm], name: Optional[str] = None) -> type[RewardTerm]:
+    """Make a reward term class buildable by name, like the built-in terms; returns ``cls``.
+
+    After ``register_reward_term(MyTerm)`` (or ``@register_reward_term`` on the class), a spec
+    can name it (``{"mine": {"weight": 0.5, "alpha": 2}}`` or ``{"x": {"type": "mine"}}``), in
+    Python, in ``gym.make(..., reward=...)`` and in the configs a process reads after the
+    registration; :func:`reward_spec` writes it back by that name.
+
+    Args:
+        cls: a :class:`RewardTerm` subclass; the spec's other keys are its ``__init__`` keywords.
+        name: the registry name; default ``cls.name``.
+
+    Raises:
+        ConfigError: ``cls`` is not a ``RewardTerm`` subclass, the name is missing (a class that
+            keeps the base class's ``name``) or not a plain identifier, or it is taken by another
+            class. Registering the same class again, or a class of the same module and qualified
+            name (a notebook cell run twice), replaces the entry.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, RewardTerm)):
+        raise ConfigError(f"register_reward_term needs a RewardTerm subclass, got {cls!r}")
+    if name is None:
+        if cls.name == RewardTerm.name:
+            raise ConfigError(f"{cls.__name__} has no name of its own: set its `name` attribute or pass name=")
+        name = cls.name
+    if not isinstance(name, str) or not _TERM_NAME.fullmatch(name):
+        raise ConfigError(f"a reward term name must be a plain identifier (letters, digits, _ . -), got {name!r}")
+    known = REWARD_TERMS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ConfigError(f"the reward term name {name!r} is taken by {known.__module__}.{known.__qualname__}")
+    REWARD_TERMS[name] = cls
+    return cls
 
 
 def _parse_string(spec: str) -> dict[str, Any]:
@@ -231,5 +271,6 @@ __all__ = [
     "build_reward",
     "build_shaping",
     "normalize_reward_spec",
+    "register_reward_term",
     "reward_spec",
 ]
