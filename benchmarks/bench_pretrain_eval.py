@@ -6,8 +6,8 @@ Evaluation, measured side by side in one run, repetitions interleaved, medians r
   serves both splits, vectorised metrics;
 * ``official-style``: the way DiffRec's own script evaluates, re-implemented here as the
   reference: one chain per split (the chain is run twice) and per-user Python loops for the
-  metrics (``computeTopNAccuracy``-style). The issue measured the official code at ~85 s a round
-  on these machines;
+  metrics (``computeTopNAccuracy``-style). The official code itself, run once on these machines
+  when the project started (it is not part of this repository), took ~85 s a round;
 * ``matmul bound``: the chain's matrix products alone (same shapes, ``torch.mm``), the floor a
   fp32 CPU implementation cannot beat. The goal is ``ours / bound <= 1.15``.
 

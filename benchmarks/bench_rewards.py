@@ -1,6 +1,6 @@
 """Benchmark: the collaborative reward's cache build and its cost for all users (ML-1M).
 
-Goals (issue 3): on ``diffrec_ml-1m_clean`` (5,949 users x 2,810 items) the cache -- every
+Goals (set when the collaborative reward was designed): on ``diffrec_ml-1m_clean`` (5,949 users x 2,810 items) the cache -- every
 user's top-k neighbours, computed in blocks, plus the sparse collaborative-target matrix --
 builds in under 10 s, and the reward for all 5,949 users (given their scores) costs under 1 s.
 

@@ -88,7 +88,7 @@ def test_torchrl_log_probs_follow_the_configured_reduction(tiny_data, tiny_pretr
 
 
 def test_summed_log_probs_make_torchrl_ratios_leave_the_clip_range(tiny_data, tiny_pretrained):
-    """The documented convention issue: same lr, the summed 120-dim log-prob clips far more."""
+    """The documented convention pitfall: same lr, the summed 120-dim log-prob clips far more."""
     fractions = {}
     for reduction in ("mean", "sum"):
         agent, _ = _setup(tiny_data, tiny_pretrained, "torchrl-ppo", lr=3e-3, anchor="none", log_prob_reduction=reduction,

@@ -157,7 +157,7 @@ def test_ease_on_diffrec_ml1m_clean(real_data_dir):
     from refit_gym.data import load_dataset
 
     data = load_dataset("diffrec_ml-1m_clean", data_dir=real_data_dir)
-    # the full default grid picks 1000 on validation (closing note of the foundation issue);
+    # the full default grid picks 1000 on validation (measured when the baselines were added);
     # CI checks the neighbourhood of that choice to stay fast
     tuning = tune_ease(data, l2_grid=(500, 1000, 2000))
     assert tuning.best_l2 == 1000

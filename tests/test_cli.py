@@ -1,4 +1,4 @@
-"""The command line contract: exact forms other issues and outside checks rely on."""
+"""The command line contract: exact forms that the docs, scripts and outside checks rely on."""
 
 from __future__ import annotations
 
