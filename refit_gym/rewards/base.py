@@ -72,9 +72,12 @@ class RewardTerm:
 class StepShaping:
     """Potential-based shaping (Ng, Harada & Russell 1999): ``F = phi(s') - phi(s)`` (gamma = 1).
 
-    A shaping object is bound like a term and called on every transition; the sum of its
-    rewards over an episode telescopes to ``phi(s_T) - phi(s_0)``, so it does not change which
-    policy is optimal.
+    A shaping object is bound like a term and called on every transition, the last one included;
+    the sum of its rewards over an episode telescopes to ``phi(s_final) - phi(s_start)``. The
+    start's potential does not depend on the policy, the final state's does (it is not set to
+    0): the shaped objective is ``R + phi(s_final)``, with the same optimal policy as ``R`` only
+    when ``phi(s_final)`` is a positive multiple of ``R`` (plus a constant), as for the held-out
+    log-likelihood potential with the ``loglik`` reward at the same temperature.
     """
 
     name: str = "shaping"

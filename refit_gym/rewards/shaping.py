@@ -1,8 +1,11 @@
 """Potential-based per-step shaping from the held-out items (Ng, Harada & Russell 1999); off by default.
 
 The env takes ``shaping=None`` unless a study switches it on. With ``gamma = 1`` the shaping
-rewards of an episode sum to ``phi(x_T_final) - phi(x_start)``, whatever the path, so the
-optimal policy of the terminal reward is unchanged; what changes is when the credit arrives.
+rewards of an episode sum to ``phi(x_final) - phi(x_start)``, whatever the path in between. The
+final state's potential is not zeroed, so the shaped objective is ``R + phi(x_final)``: the
+optimal policy is unchanged when ``R`` is the held-out log-likelihood of the same temperature
+(``phi(x_final)`` is then ``scale * R``), while shaping adds that log-likelihood to any other
+reward. What changes in every case is when the credit arrives (``docs/rewards.md``).
 """
 
 from __future__ import annotations
