@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from refit_gym.config import check_field_type
 from refit_gym.errors import ConfigError
+from refit_gym.rewards.registry import normalize_reward_spec
 
 
 @dataclass
@@ -149,4 +150,9 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")
     if not 0 <= config.holdout_fraction < 1:
         raise ConfigError(f"finetune.holdout_fraction must be in [0, 1), got {config.holdout_fraction}")
+    if isinstance(config.reward, (str, dict)):  # an instance (Python use) is checked when it binds
+        try:
+            normalize_reward_spec(config.reward)  # a misspelt term fails here, not after pretraining
+        except ConfigError as error:
+            raise ConfigError(f"finetune.reward: {error}") from None
     return config

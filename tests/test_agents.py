@@ -101,6 +101,8 @@ def test_unknown_agents_and_options_are_named():
         finetune_config({"anchor": "l3"})
     with pytest.raises(ConfigError, match="lr"):
         finetune_config({"lr": 0})
+    with pytest.raises(ConfigError, match="finetune.reward: reward term 'colaborative': unknown type"):
+        finetune_config({"reward": {"colaborative": {"k": 20}}})  # misspelt: refused before anything runs
     from agents import agent_class
 
     with pytest.raises(ConfigError, match="available"):

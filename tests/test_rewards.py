@@ -563,6 +563,36 @@ def test_register_reward_term_refuses_what_it_cannot_register(registered_item_bo
     assert REWARD_TERMS["item_bonus"] is ItemBonus and REWARD_TERMS["loglik"] is HeldOutLogLikelihood
 
 
+def test_an_unregistered_term_is_built_by_its_import_path_and_written_back(interactions, episode, scores):
+    path = f"{ItemBonus.__module__}:ItemBonus"
+    assert "item_bonus" not in REWARD_TERMS
+    reward = build_reward({"bonus": {"type": path, "weight": 0.5, "bonus": 2.0}}, interactions)
+    assert isinstance(reward.terms["bonus"], ItemBonus) and reward.terms["bonus"].bonus == 2.0
+    spec = reward_spec(reward)
+    assert spec["bonus"] == {"type": path, "weight": 0.5, "bonus": 2.0}
+    assert torch.equal(build_reward(spec, interactions)(scores, episode), reward(scores, episode))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("no_such_term", "unknown type 'no_such_term'.*package.module:Class"),
+    ("refit_gym.no_such_module:Term", "cannot import the reward term"),
+    ("refit_gym.rewards:NoSuchTerm", "cannot import the reward term"),
+    ("refit_gym.rewards:build_reward", ".* is not a refit_gym.rewards.RewardTerm subclass"),
+])
+def test_a_bad_term_type_is_refused_naming_the_term(interactions, kind, message):
+    with pytest.raises(ConfigError, match=f"reward term 'mine': {message}"):
+        build_reward({"mine": {"type": kind}}, interactions)
+
+
+def test_a_term_defined_in_a_function_cannot_be_written_back(interactions):
+    class Local(ItemBonus):
+        pass
+
+    reward = build_reward(Local(), interactions)
+    with pytest.raises(ConfigError, match="neither registered nor importable"):
+        reward_spec(reward)
+
+
 def test_build_shaping(interactions):
     assert build_shaping(None, interactions) is None
     shaping = build_shaping({"type": "held_out", "temperature": 0.5, "potential": "mass"}, interactions)

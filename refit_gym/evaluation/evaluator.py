@@ -2,7 +2,7 @@
 
 Two protocols (:class:`EvaluationProtocol`):
 
-* ``cf`` (DiffRec / CF-Diff, ``DESIGN.md`` "Evaluation"): every split is predicted from the
+* ``cf`` (DiffRec / CF-Diff, ``docs/evaluation.md``): every split is predicted from the
   user's **training** history; items seen before the split are excluded from the ranking (train
   for ``valid``, train + valid for ``test``, :meth:`InteractionData.seen_before`); recall / ndcg /
   precision / mrr.

@@ -33,6 +33,7 @@ from refit_gym.rewards.registry import (
     normalize_reward_spec,
     register_reward_term,
     reward_spec,
+    reward_term_class,
 )
 from refit_gym.rewards.shaping import HeldOutPotential
 from refit_gym.rewards.weighted import WeightedReward
@@ -62,6 +63,7 @@ __all__ = [
     "matrix_fingerprint",
     "normalize_reward_spec",
     "register_reward_term",
+    "reward_term_class",
     "reward_spec",
     "top_k_similar_users",
 ]

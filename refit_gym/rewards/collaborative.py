@@ -1,7 +1,7 @@
 """The collaborative term: how likely the final state makes what the user's nearest neighbours have.
 
 Our reading of ReFiT's "collaborative signal-aware" reward (the paper's equations are not
-available; see ``DESIGN.md``, "Reward"). From the **training** matrix only:
+available; see ``docs/rewards.md``). From the **training** matrix only:
 
 1. at bind time, every user's top-``k`` most similar users (cosine or Pearson on training rows,
    computed in blocks of users and cached, :mod:`refit_gym.rewards.neighbours`);

@@ -12,13 +12,16 @@ the component name, so two terms of one type can sit side by side
 entry can also be just a number (the weight). A string spec is either a JSON object or
 ``"loglik"``, ``"loglik+collaborative"``, ``"1.0*loglik+0.5*collaborative"``.
 
-A term of your own becomes a ``type`` like the built-in ones with :func:`register_reward_term`;
-an instance can also be passed as the whole spec (``build_reward(MyTerm(), ...)``, or a
+A term of your own becomes a ``type`` like the built-in ones with :func:`register_reward_term`,
+or is named by its import path, ``{"mine": {"type": "my_package.rewards:MyTerm"}}`` (what a
+config file run by the CLI uses: the path is imported when the reward is built); an instance can
+also be passed as the whole spec (``build_reward(MyTerm(), ...)``, or a
 :class:`WeightedReward` of instances).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -116,11 +119,33 @@ def _accepted_parameters(cls: type) -> list[str]:
     return [name for name in parameters if name != "self"]
 
 
-def _instantiate(registry: Mapping[str, type], kind: Any, params: dict, where: str, what: str):
-    """``registry[kind](**params)``, with a :class:`ConfigError` naming unknown types / parameters."""
-    if not isinstance(kind, str) or kind not in registry:
-        raise ConfigError(f"{where}: unknown {what} type {kind!r}; known: {', '.join(sorted(registry))}")
-    cls = registry[kind]
+def reward_term_class(kind: Any) -> type[RewardTerm]:
+    """The class of a registered term name (:data:`REWARD_TERMS`) or of an import path
+    ``package.module:Class``.
+
+    Raises:
+        ConfigError: an unknown name, a path that does not import, or not a ``RewardTerm`` subclass.
+    """
+    if isinstance(kind, str) and kind in REWARD_TERMS:
+        return REWARD_TERMS[kind]
+    module_name, sep, attribute = kind.partition(":") if isinstance(kind, str) else ("", "", "")
+    if not (sep and module_name and attribute):
+        raise ConfigError(f"unknown type {kind!r}; known: {', '.join(sorted(REWARD_TERMS))} "
+                          "(or give your own as 'package.module:Class')")
+    try:
+        cls = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"cannot import the reward term {kind!r}: {error}") from None
+    if not (isinstance(cls, type) and issubclass(cls, RewardTerm)):
+        raise ConfigError(f"{kind!r} is not a refit_gym.rewards.RewardTerm subclass")
+    return cls
+
+
+def _instantiate(cls: type, params: dict, where: str, what: str):
+    """``cls(**params)``, with a :class:`ConfigError` naming unknown parameters."""
+    kind = getattr(cls, "name", cls.__name__)
     accepted = _accepted_parameters(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
@@ -161,10 +186,10 @@ def normalize_reward_spec(spec: Union[Mapping[str, Any], str]) -> dict[str, dict
             raise ConfigError(f"reward term {name!r}: expected a mapping of parameters or a weight, got {entry!r}")
         entry = dict(entry)
         kind = entry.pop("type", name)
-        if not isinstance(kind, str) or kind not in REWARD_TERMS:
-            raise ConfigError(
-                f"reward term {name!r}: unknown type {kind!r}; known: {', '.join(sorted(REWARD_TERMS))}"
-            )
+        try:
+            reward_term_class(kind)
+        except ConfigError as error:
+            raise ConfigError(f"reward term {name!r}: {error}") from None
         normalized[name] = {"type": kind, "weight": entry.pop("weight", 1.0), **entry}
     return normalized
 
@@ -210,7 +235,7 @@ def build_reward(
     for name, entry in entries.items():
         params = dict(entry)
         kind, weight = params.pop("type"), params.pop("weight")
-        terms[name] = (weight, _instantiate(REWARD_TERMS, kind, params, f"reward term {name!r}", "reward term"))
+        terms[name] = (weight, _instantiate(reward_term_class(kind), params, f"reward term {name!r}", "reward term"))
     reward = WeightedReward(terms, allow_negative)
     for name, term in reward.terms.items():
         try:
@@ -223,15 +248,23 @@ def build_reward(
 def reward_spec(reward: WeightedReward) -> dict[str, dict[str, Any]]:
     """The spec :func:`build_reward` turns back into an equal reward (for run records and configs).
 
+    A registered term is written by its registry name, any other by its import path
+    ``module:Class``.
+
     Raises:
-        ConfigError: a term whose class is not in :data:`REWARD_TERMS`.
+        ConfigError: a term whose class cannot be imported by its path (defined in ``__main__``
+            or inside a function) and is not registered.
     """
     by_class = {cls: kind for kind, cls in REWARD_TERMS.items()}
     spec = {}
     for name, term in reward.terms.items():
-        kind = by_class.get(type(term))
+        cls = type(term)
+        kind = by_class.get(cls)
         if kind is None:
-            raise ConfigError(f"reward term {name!r} ({type(term).__name__}) is not a registered term")
+            if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+                raise ConfigError(f"reward term {name!r} ({cls.__name__}) is neither registered nor importable "
+                                  "by a path: register it with register_reward_term or define it in a module")
+            kind = f"{cls.__module__}:{cls.__qualname__}"
         params = {key: value for key, value in term.config().items() if key != "term"}
         spec[name] = {"type": kind, "weight": reward.weights[name], **params}
     return spec
@@ -261,7 +294,9 @@ def build_shaping(
         raise ConfigError(f"a shaping spec must be None, a name or a mapping, got {type(spec).__name__}")
     params = dict(spec)
     kind = params.pop("type", "held_out")
-    shaping = _instantiate(SHAPINGS, kind, params, "shaping", "shaping")
+    if not isinstance(kind, str) or kind not in SHAPINGS:
+        raise ConfigError(f"shaping: unknown shaping type {kind!r}; known: {', '.join(sorted(SHAPINGS))}")
+    shaping = _instantiate(SHAPINGS[kind], params, "shaping", "shaping")
     return shaping.bind(_training_view(interactions), device)
 
 
@@ -273,4 +308,5 @@ __all__ = [
     "normalize_reward_spec",
     "register_reward_term",
     "reward_spec",
+    "reward_term_class",
 ]
