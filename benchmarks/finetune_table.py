@@ -11,8 +11,8 @@ masked for valid, train + valid for test). Rows:
   ``tdiffrec``, ``cfdiff``) and each ``--pretrain-seeds`` seed, pretrained until it has
   converged (selected on validation);
 * **fine-tuned models**: each ``--runs`` recipe (see :data:`RUNS`) from each pretrained
-  checkpoint, for each ``--finetune-seeds`` seed (``--updates`` updates, capped by ``--budget``
-  seconds), selected on validation.
+  checkpoint, for each ``--finetune-seeds`` seed (``--updates`` updates, or a recipe's own
+  ``--run-updates``, capped by ``--budget`` seconds), selected on validation.
 
 Test is sealed until the end: every unit selects on validation only, and test is computed once
 per selected model when the table is compiled. The unit of replication is the seed: a row's
@@ -58,6 +58,7 @@ PG_REWARD = {"loglik": {"weight": 1.0, "temperature": 0.1}}
 RUNS: dict[str, dict[str, Any]] = {
     "refit": {},
     "supervised": {"agent": "supervised"},
+    "supervised_holdout50": {"agent": "supervised", "holdout_fraction": 0.5},
     "continued": {"continued": True},
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
     "no_collab": {"pg_weight": 0.0},
@@ -140,7 +141,7 @@ def finetune_unit(spec: dict) -> dict:
         settings.plateau_patience, settings.min_epochs, settings.max_epochs = 10**6, 0, spec["continued_epochs"]
         result = pretrain(config, data, output_dir=folder, progress=False, log=lambda _: None,
                           init_from=spec["pretrained"])
-        valid, seconds, sees = result.best_metrics["valid"], result.seconds, "c"
+        valid, seconds, sees, steps = result.best_metrics["valid"], result.seconds, "c", {}
     else:
         config.finetune = {**config.finetune, "time_budget_s": spec["budget"], "eval_every": spec["eval_every"],
                            "max_updates": spec["updates"], **recipe}
@@ -148,7 +149,8 @@ def finetune_unit(spec: dict) -> dict:
         valid, seconds = result.best_metrics["valid"], result.seconds
         settings = finetune_config(config.finetune)
         sees = agent_class(settings.agent).information(settings)
-    summary = {"spec": spec, "valid": valid, "seconds": seconds, "sees": sees}
+        steps = {"updates": result.updates, "best_update": result.best_update}
+    summary = {"spec": spec, "valid": valid, "seconds": seconds, "sees": sees, **steps}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -274,6 +276,9 @@ def main() -> None:
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", default="refit,supervised", help=f"comma-separated, from {list(RUNS)}")
     parser.add_argument("--updates", type=int, default=400, help="update budget per fine-tuning run")
+    parser.add_argument("--run-updates", action="append", default=[], metavar="RUN=N",
+                        help="another update budget for one recipe (e.g. supervised=1200: a cheaper update, "
+                             "the same wall clock)")
     parser.add_argument("--budget", type=float, default=900.0, help="wall-clock cap per fine-tuning run (seconds)")
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--continued-epochs", type=int, default=120, help="epoch budget of control (a)")
@@ -295,6 +300,12 @@ def main() -> None:
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; known: {list(RUNS)}")
+    run_updates = {r: args.updates for r in runs}
+    for item in args.run_updates:
+        name, _, value = item.partition("=")
+        if name not in run_updates or not value.isdigit() or int(value) <= 0:
+            raise SystemExit(f"--run-updates {item!r}: expected RUN=N with RUN one of --runs {runs} and N > 0")
+        run_updates[name] = int(value)
     base_sets = {b: list(args.sets) + [s.split(":", 1)[1] for s in args.base_set if s.split(":", 1)[0] == b]
                  for b in bases}
 
@@ -303,7 +314,7 @@ def main() -> None:
     pretrain_specs = [{"base": b, "seed": s, "sets": base_sets[b], "folder": str(output / "pretrain" / f"{b}-p{s}")}
                       for b in bases for s in args.pretrain_seeds]
     finetune_specs = [{"base": b, "seed": f, "pretrain_seed": s, "run": r, "sets": base_sets[b],
-                       "pretrained": str(output / "pretrain" / f"{b}-p{s}"), "updates": args.updates,
+                       "pretrained": str(output / "pretrain" / f"{b}-p{s}"), "updates": run_updates[r],
                        "budget": args.budget, "eval_every": args.eval_every, "continued_lr": args.continued_lr,
                        "continued_epochs": args.continued_epochs,
                        "folder": str(output / "finetune" / f"{b}-p{s}-{r}-f{f}")}
@@ -318,17 +329,17 @@ def main() -> None:
         summary["test"] = test
 
     # ---- rows
-    header = ("| model | sees | runs | valid R@20 | valid N@20 | " + " | ".join(f"test {m}" for m in SHOWN)
+    header = ("| model | sees | runs | updates (best) / seconds | valid R@20 | valid N@20 | " + " | ".join(f"test {m}" for m in SHOWN)
               + " | vs its pretrained base: paired t over pretraining seeds, R@20 / N@20 "
               "| vs recency-weighted EASE: one-sample t, R@20 / N@20 |")
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 10]
     recency = reference["recency-weighted EASE"]["test"]
     for name, metrics in reference.items():
         chosen = ", ".join(f"{k} {v:g}" for k, v in metrics["chosen_on_valid"].items())
         label = f"{name} ({chosen}, on valid)" if chosen else name
         cells = [f"{metrics['valid'][m]:.4f}" for m in ("recall@20", "ndcg@20")]
         cells += [f"{metrics['test'][m]:.4f}" for m in SHOWN]
-        lines.append(f"| {label} | - | - | " + " | ".join(cells) + " | | |")
+        lines.append(f"| {label} | - | - | - | " + " | ".join(cells) + " | | |")
     table: dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in sys.argv), "baselines": reference,
                              "rows": {}}
 
@@ -345,7 +356,13 @@ def main() -> None:
                 against_base.append(signed(*reversed(paired_by_seed(by_seed, {k: v[metric] for k, v in
                                                                                base_by_seed.items()}))))
             against_recency.append(signed(*reversed(one_sample(values, recency[metric]))))
-        lines.append(f"| {label} | {sees} | {len(summaries)} | " + " | ".join(cells) + " | "
+        if "updates" in summaries[0]:
+            effort = (f"{statistics.mean(s['updates'] for s in summaries):.0f} "
+                      f"({statistics.mean(s['best_update'] for s in summaries):.0f})")
+        else:
+            effort = "-"
+        effort += f" / {statistics.mean(s['seconds'] for s in summaries):.0f}"
+        lines.append(f"| {label} | {sees} | {len(summaries)} | {effort} | " + " | ".join(cells) + " | "
                      + (" / ".join(against_base) if against_base else "") + " | " + " / ".join(against_recency) + " |")
         table["rows"][label] = {"sees": sees, "runs": summaries}
 
@@ -388,7 +405,8 @@ def main() -> None:
     timing += [f"| {name} | {total:.0f} | {best:.0f} |" for name, total, best in seconds]
     text = ["Command: `" + table["command"] + "`", "", *lines, "",
             "Mean ± std over runs (pretraining seeds x fine-tuning seeds); p-values signed by the direction "
-            "of the mean difference.", ""]
+            "of the mean difference. Updates: mean updates run (mean update of the selected checkpoint); "
+            "seconds: mean wall clock of a run (pretrained rows: of pretraining).", ""]
     if len(comparisons) > 2:
         text += [*comparisons, ""]
     text += [*timing, ""]
