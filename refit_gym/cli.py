@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from refit_gym.errors import ConfigError, RefitGymError
-from refit_gym.runtime import tune_cpu_runtime
+from refit_gym.runtime import PRECISIONS, tune_cpu_runtime
 
 
 def _main_process() -> bool:
@@ -135,7 +135,7 @@ def cmd_evaluate(args) -> int:
              "interrupted, or is still going); these are the metrics of its best checkpoint so far. Resume it with "
              "--resume")
     result = evaluate(model, data, splits=(args.split,), ks=config.evaluation.ks, batch_size=config.evaluation.batch_size,
-                      precision=config.evaluation.precision,
+                      precision=args.precision or config.evaluation.precision,
                       protocol=protocol_from_config(config.evaluation, model),
                       device=device, export_topk=args.k if args.export_topk else None, progress=not args.no_progress)
     if args.export_topk:
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("valid", "test"), required=True)
     p.add_argument("--export-topk", metavar="FILE.npy", help="write each user's ranked top-k item ids (int64, n_users x k)")
     p.add_argument("--k", type=int, default=100, help="k for --export-topk (default 100)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32, or bf16 autocast of the scoring chain (default: the checkpoint's evaluation.precision; "
+                        "docs/devices.md)")
     p.set_defaults(handler=cmd_evaluate)
 
     p = commands.add_parser("baseline", help="fit and evaluate a simple baseline (popularity, EASE, recency-weighted EASE)")

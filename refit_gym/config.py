@@ -105,7 +105,7 @@ class EvaluationConfig:
     """Exclude items seen before the split from the ranking; default: True for ``cf``, False for
     ``sequential`` (DiffuRec ranks history items too)."""
     precision: str = "fp32"
-    """``fp32`` or ``bf16`` (autocast of the scoring chain's matrix products; see docs/reliability)."""
+    """``fp32`` or ``bf16`` (autocast of the scoring chain's matrix products; see docs/devices.md)."""
 
 
 @dataclass

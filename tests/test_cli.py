@@ -57,6 +57,27 @@ def test_evaluate_prints_metrics_json_and_exports_topk(pretrained, tmp_path, cap
         assert not set(ranked[user]) & set(seen.indices[seen.indptr[user]:seen.indptr[user + 1]])
 
 
+def test_evaluate_precision_flag_reaches_the_evaluator(pretrained, capsys, monkeypatch):
+    """``--precision bf16`` overrides the checkpoint's ``evaluation.precision`` (fp32 here); bfloat16
+    keeps 8 bits of mantissa, so near-ties may swap: Recall@20 within 0.02 of fp32."""
+    import refit_gym.evaluation.evaluator as evaluator
+
+    real, seen = evaluator.evaluate, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "evaluate", spy)
+    capsys.readouterr()
+    metrics = {}
+    for flags in ([], ["--precision", "bf16"]):
+        assert main(["evaluate", "--checkpoint", str(pretrained), "--split", "valid", "--no-progress", *flags]) == 0
+        metrics[flags[-1] if flags else "default"] = _json(capsys)
+    assert seen == ["fp32", "bf16"]
+    assert abs(metrics["bf16"]["recall@20"] - metrics["default"]["recall@20"]) < 0.02
+
+
 def test_baselines_from_the_cli(config_file, tmp_path, capsys):
     capsys.readouterr()
     assert main(["baseline", "popularity", "--config", str(config_file), "--split", "test"]) == 0
