@@ -171,7 +171,7 @@ class DenoisingMDP:
             the same size every episode) or ``"none"``. Holding out works on positions, scoring
             on items: an item repeated in a history that is also shown at an earlier position
             stays in the input and is not scored.
-        holdout_fraction: the hidden fraction, in ``[0, 1)`` (see :func:`held_out_counts`).
+        holdout_fraction: the hidden fraction, in ``[0, 1)`` (see :func:`held_out_counts_tensor`).
         noise_steps: the start vector is ``q_sample``d to this step first (0 = un-noised);
             default: the model's own (DiffRec: 0).
         action_bound: actions are validated, then clipped to ``[-action_bound, action_bound]``;

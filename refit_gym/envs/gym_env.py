@@ -77,9 +77,11 @@ class DenoisingEnv(gym.Env):
 
     ## Typical returns
 
-    With the default reward on ``ReFiT-Synthetic-v0`` (100 episodes, seeds 0..99): the pretrained
-    denoiser as the policy (its ``x0`` estimate as the action) -4.82 ± 0.62; a freshly initialised
-    denoiser -6.24 ± 0.64; uniformly random actions -100 ± 31.
+    With the default reward on ``ReFiT-Synthetic-v0`` (100 episodes, ``reset(seed=s)`` for
+    ``s = 0..99``; mean ± standard deviation): the pretrained denoiser as the policy (its ``x0``
+    estimate as the action) -4.82 ± 0.62; a freshly initialised denoiser (``pretrained=False``)
+    -6.24 ± 0.64; uniformly random actions (``action_space.sample()``, the action space seeded
+    with ``s``) -98.5 ± 36 (``benchmarks/reward_scales.py`` measures the first and the last).
 
     ## Arguments
 
@@ -100,6 +102,7 @@ class DenoisingEnv(gym.Env):
     | ``dataset`` | the scenario's | another dataset for the scenario's model, e.g. ``"synthetic:n_users=60,n_items=40,seed=0"`` |
     | ``data_dir`` / ``checkpoint`` | | data directory / base-model checkpoint directory |
     | ``pretrained`` | ``True`` | ``False``: freshly initialised, seeded base (tests, benchmarks; no pretraining, no cache) |
+    | ``progress`` | stderr is a terminal | a progress bar while the base model is pretrained on first use |
     | ``data`` / ``model`` | | bring your own ``InteractionData`` (and a ``BaseModel`` built for it) |
     | ``render_mode`` | ``None`` | ``"ansi"``: the user's current top-k items with titles |
     | ``render_top_k`` | 10 | items shown by ``render()`` |
