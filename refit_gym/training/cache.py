@@ -3,8 +3,8 @@
 Two levels:
 
 * on disk, :func:`pretrained_checkpoint`: ``<cache_dir>/<data>-<model>-<hash>`` where the hash
-  covers everything the weights depend on (seed, model, diffusion and pretrain sections, the
-  training matrix); ``cache_dir`` defaults to ``$XDG_CACHE_HOME/refit_gym/checkpoints``
+  covers everything the weights depend on (seed, model, diffusion, pretrain and evaluation
+  sections, the training matrix and order, the validation split: :func:`cache_identity`); ``cache_dir`` defaults to ``$XDG_CACHE_HOME/refit_gym/checkpoints``
   (``~/.cache/refit_gym/checkpoints``);
 * in the process, :func:`frozen_base_model`: one frozen model object per checkpoint, shared by
   every environment built in the process.
