@@ -31,7 +31,7 @@ def default_cache_data_dir() -> Path:
 def resolve_data_dir(explicit: Optional[PathLike] = None) -> Path:
     """The data directory, chosen in this order.
 
-    1. ``explicit`` (e.g. the CLI's ``--data``) when given;
+    1. ``explicit`` (the config's ``data.data_dir``, the CLI's ``--data-dir``) when given;
     2. the environment variable ``REFIT_GYM_DATA`` when set and non-empty;
     3. the user cache directory (:func:`default_cache_data_dir`).
 
