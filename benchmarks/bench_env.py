@@ -17,7 +17,7 @@ since other processes share the machine. Targets: b/a <= 1.10, c/a <= 1.3.
 
 Usage::
 
-    python benchmarks/bench_env.py [--scenario ReFiT-ML1M-v0] [--data DIR] [--checkpoint DIR] [--device cuda]
+    python benchmarks/bench_env.py [--scenario ReFiT-ML1M-v0] [--data DATASET] [--checkpoint DIR] [--device cuda]
 """
 
 from __future__ import annotations
