@@ -147,27 +147,30 @@ def cmd_evaluate(args) -> int:
 def cmd_baseline(args) -> int:
     from refit_gym.baselines import build_baseline, tune_ease
     from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
+    from refit_gym.config import resolve_device
     from refit_gym.evaluation.evaluator import evaluate
 
     config = _experiment(args)
     data = _load_data(config.data.dataset, config.data.data_dir)
+    device = resolve_device(config.device)
     extra: dict[str, Any] = {}
     recency = args.name == "ease-recency"
     if args.name.startswith("ease") and (args.l2 is None or (recency and args.w_min is None)):
         l2_grid = None if args.l2 is None else (args.l2,)
         w_grid = None if not recency else (None if args.w_min is None else (args.w_min,))
         tuning = tune_ease(data, **({"l2_grid": l2_grid} if l2_grid else {}),
-                           w_min_grid=(w_grid or DEFAULT_W_MIN_GRID) if recency else None, progress=not args.no_progress)
+                           w_min_grid=(w_grid or DEFAULT_W_MIN_GRID) if recency else None, device=device,
+                           progress=not args.no_progress)
         recommender = tuning.model
         extra = {"ease_l2": tuning.best_l2, **({"w_min": tuning.best_w_min} if recency else {})}
         chosen = f"l2 = {tuning.best_l2:g}" + (f", w_min = {tuning.best_w_min:g}" if recency else "")
         _log(f"{args.name}: {chosen} chosen on validation recall@20 ({tuning.best_score:.4f})")
     else:
-        kwargs = {"l2": args.l2} if args.name.startswith("ease") else {}
+        kwargs = {"l2": args.l2, "device": device} if args.name.startswith("ease") else {}
         if recency:
             kwargs["w_min"] = args.w_min
         recommender = build_baseline(args.name, **kwargs).fit(data.train)
-    result = evaluate(recommender, data, splits=(args.split,), ks=config.evaluation.ks,
+    result = evaluate(recommender, data, splits=(args.split,), ks=config.evaluation.ks, device=device,
                       batch_size=config.evaluation.batch_size, export_topk=args.k if args.export_topk else None)
     if args.export_topk:
         _write_topk(args.export_topk, result.top_items[args.split])

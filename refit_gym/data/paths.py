@@ -82,7 +82,8 @@ def find_dataset(name_or_path: PathLike, data_dir: Optional[PathLike] = None) ->
         f"dataset {str(name_or_path)!r} not found: searched the path {str(as_given)!r} and "
         f"{str(in_data_dir)!r} (data directory {str(resolved_dir)!r}, {dir_origin}). "
         f"Point refit-gym at the folder holding the datasets with ${DATA_DIR_ENV_VAR}=DIR or "
-        f"--data DIR, or fetch MovieLens-1M with `refit-gym download ml-1m`."
+        f"--set data.data_dir=DIR, give the dataset's own path, or fetch MovieLens-1M with "
+        f"`refit-gym download ml-1m`."
     )
 
 
