@@ -35,7 +35,7 @@ class PPOAgent(Agent):
         log_probs_old = rollout.log_probs[steps]
         history: list[dict[str, float]] = []
         for _ in range(self.config.inner_epochs):
-            order = torch.randperm(rollout.n_rows, generator=generator).to(rollout.states.device)
+            order = torch.randperm(rollout.n_rows, generator=generator, device=generator.device).to(rollout.states.device)
             for rows in order.chunk(MINIBATCHES):
                 terms = self.compute(self.minibatch_loss, rollout, steps, rows, advantages[:, rows],
                                      log_probs_old[:, rows])

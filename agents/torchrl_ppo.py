@@ -176,7 +176,7 @@ class TorchRLPPOAgent(Agent):
         data.set("advantage", advantages.transpose(0, 1).unsqueeze(-1).contiguous())
         history: list[dict[str, float]] = []
         for _ in range(self.config.inner_epochs):
-            order = torch.randperm(rollout.n_rows, generator=generator).to(td.device)
+            order = torch.randperm(rollout.n_rows, generator=generator, device=generator.device).to(td.device)
             for rows in order.chunk(MINIBATCHES):
                 out = self.loss_module(data[rows].reshape(-1))
                 anchor = (self.anchor_loss() if self.config.anchor == "l2" and self.config.anchor_weight > 0

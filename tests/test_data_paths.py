@@ -55,5 +55,5 @@ def test_missing_dataset_message_says_what_was_searched_and_what_to_set(clean_en
     message = str(error.value)
     assert "diffrec_ml-1m_clean" in message
     assert str(Path(tmp_path) / "diffrec_ml-1m_clean") in message
-    assert "REFIT_GYM_DATA" in message and "--data" in message
+    assert "REFIT_GYM_DATA" in message and "--set data.data_dir=DIR" in message
     assert "refit-gym download ml-1m" in message

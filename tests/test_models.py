@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -281,7 +282,8 @@ def test_making_an_env_imports_neither_the_agents_nor_the_pretraining_code(tmp_p
         print(sorted(m for m in sys.modules if m == "agents" or m.startswith("agents.")
                      or m == "refit_gym.training.pretrain"))
     """)
-    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           **{key: os.environ[key] for key in ("PYTHONPATH",) if key in os.environ}}  # a from-source install
     first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "['refit_gym.training.pretrain']"  # the cache was empty: it pretrained
