@@ -332,7 +332,7 @@ def main() -> None:
     header = ("| model | sees | runs | updates (best) / seconds | valid R@20 | valid N@20 | " + " | ".join(f"test {m}" for m in SHOWN)
               + " | vs its pretrained base: paired t over pretraining seeds, R@20 / N@20 "
               "| vs recency-weighted EASE: one-sample t, R@20 / N@20 |")
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     recency = reference["recency-weighted EASE"]["test"]
     for name, metrics in reference.items():
         chosen = ", ".join(f"{k} {v:g}" for k, v in metrics["chosen_on_valid"].items())
