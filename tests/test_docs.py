@@ -30,10 +30,7 @@ FENCE_CLOSE = re.compile(r"^\s*```\s*$")
 BLOCK_TIMEOUT_S = 60
 """A block that runs longer fails (e.g. one that would pretrain an ML-1M model)."""
 
-KNOWN_UNRUNNABLE = {
-    "README.md": ("1a2b013acbb9c850", "its environment block builds ReFiT-ML1M-v0 envs (ML-1M data and a pretrained "
-                  "ML-1M model) and has no not-run marker; the README rewrite replaces it (then delete this entry)"),
-}
+KNOWN_UNRUNNABLE: dict[str, tuple[str, str]] = {}
 """Files whose runnable blocks, exactly as they are (the digest of their code), are known not to run
 here; any change to those blocks makes the file run again."""
 
