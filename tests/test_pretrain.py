@@ -93,6 +93,14 @@ def test_same_seed_same_pretraining(data):
     assert first.best_metrics == second.best_metrics
 
 
+def test_the_expected_duration_is_logged_once_after_the_first_epoch(data):
+    config = config_from_dict({**SMALL, "pretrain": {**SMALL["pretrain"], "max_epochs": 4, "min_epochs": 4}})
+    lines: list[str] = []
+    pretrain(config, data, progress=False, log=lines.append)
+    estimates = [line for line in lines if "epochs (~" in line]
+    assert len(estimates) == 1 and estimates[0].startswith("epoch 1 took"), lines
+
+
 def test_checkpoint_for_other_data_is_refused(trained):
     _, output, _ = trained
     other = make_synthetic(n_users=300, n_items=120, seed=1)

@@ -172,7 +172,7 @@ def pretrain(
     epochs = progress_bar(range(state["epoch"] + 1, settings.max_epochs + 1), desc="pretrain",
                           enabled=progress and distributed.main, initial=state["epoch"], total=settings.max_epochs)
     quiet_bar = progress and distributed.main and not interactive()  # no bar: one line per evaluation
-    epoch = state["epoch"]
+    epoch = first_epoch = state["epoch"]
     for epoch in epochs:
         model.train()
         total, batches = 0.0, 0
@@ -195,7 +195,7 @@ def pretrain(
             total, batches = total + loss.item() / scale, batches + 1
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                                "train_loss": distributed.mean({"loss": total / batches})["loss"]}
-        if epoch == state["epoch"] + 1 and snapshot is None:
+        if epoch == first_epoch + 1 and snapshot is None:  # once, after this run's first epoch
             per_epoch = time.perf_counter() - start
             log(f"epoch 1 took {per_epoch:.0f} s: at most {settings.max_epochs} epochs (~{per_epoch * settings.max_epochs / 60:.0f} "
                 "min plus evaluations); a validation plateau usually stops it much earlier")
