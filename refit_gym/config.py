@@ -40,7 +40,7 @@ class DiffusionConfig:
     steps: int = 40
     """Number of diffusion steps T."""
     noise_schedule: str = "linear-var"
-    """``linear-var`` (DiffRec), ``linear``, ``cosine`` or ``binomial``."""
+    """``linear-var`` (DiffRec), ``linear``, ``cosine``, ``binomial``, ``trunc-lin`` (DiffuRec) or ``exp`` (DreamRec)."""
     noise_scale: float = 0.005
     """Scale of the linear schedules."""
     noise_min: float = 0.005

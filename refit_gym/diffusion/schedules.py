@@ -3,6 +3,14 @@
 ``linear-var`` is DiffRec's schedule: the linspace ``noise_scale * [noise_min .. noise_max]``
 is taken as the *variance* ``1 - alpha_bar_t`` and converted to betas. DiffRec then overwrites
 ``beta_0`` with ``1e-5`` (``beta_fixed``), which this module reproduces by default.
+
+``trunc-lin`` is DiffuRec's default (``get_named_beta_schedule`` of WHUIR/DiffuRec): Ho et al.'s
+linear betas rescaled to ``T`` steps (``s = 1000 / T``: ``s 1e-4 .. s 0.02``) and shifted up by
+0.01 (when the end would exceed 1, ``s 1e-3 + 0.01``); it ignores ``noise_scale`` / ``noise_min`` /
+``noise_max``. ``exp`` is DreamRec's default (``exp_beta_schedule`` of YangZhengyi98/DreamRec, the
+discretised variance-preserving SDE with ``beta_min = 0.1``, ``beta_max = 10``:
+``1 - exp(-beta_min / T - x (beta_max - beta_min) / (2 T^2))``, ``x = linspace(1, 2T + 1, T)``); it
+ignores them too.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import numpy as np
 
 from refit_gym.errors import ConfigError
 
-SCHEDULES = ("linear", "linear-var", "cosine", "binomial")
+SCHEDULES = ("linear", "linear-var", "cosine", "binomial", "trunc-lin", "exp")
 FIXED_FIRST_BETA = 1e-5  # DiffRec's beta_0 (Sohl-Dickstein et al. 2015, sec. 2.4.1)
 MAX_BETA = 0.999
 
@@ -45,7 +53,8 @@ def make_betas(
     """The float64 betas of length ``steps`` for a named schedule.
 
     Args:
-        schedule: one of ``linear``, ``linear-var`` (DiffRec's default), ``cosine``, ``binomial``.
+        schedule: one of ``linear``, ``linear-var`` (DiffRec's default), ``cosine``, ``binomial``,
+            ``trunc-lin`` (DiffuRec's default), ``exp`` (DreamRec's default).
         steps: number of diffusion steps T.
         noise_scale, noise_min, noise_max: the linear schedules run from
             ``noise_scale * noise_min`` to ``noise_scale * noise_max``.
@@ -64,6 +73,15 @@ def make_betas(
             )
         line = np.linspace(start, end, steps, dtype=np.float64)
         betas = line if schedule == "linear" else betas_from_linear_variance(line)
+    elif schedule == "trunc-lin":
+        scale = 1000.0 / steps
+        start, end = scale * 1e-4 + 0.01, scale * 0.02 + 0.01
+        if end > 1.0:
+            end = scale * 1e-3 + 0.01
+        betas = np.linspace(start, end, steps, dtype=np.float64)
+    elif schedule == "exp":
+        x = np.linspace(1, 2 * steps + 1, steps, dtype=np.float64)
+        betas = 1.0 - np.exp(-0.1 / steps - x * 0.5 * (10.0 - 0.1) / (steps * steps))
     elif schedule == "cosine":
         betas = betas_for_alpha_bar(
             steps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
