@@ -32,6 +32,9 @@ class FinetuneConfig:
     most recent fraction; points at the future items valid/test hold), ``random`` or ``none``."""
     holdout_fraction: float = 0.25
     """Fraction of each user's training items hidden."""
+    holdout_count: Optional[int] = None
+    """Hide exactly this many of each user's training items instead of a fraction (the
+    sequential scenarios hide the last one); None = ``holdout_fraction``."""
     reward: dict[str, Any] = field(default_factory=lambda: {"collaborative": {"weight": 1.0, "k": 20, "temperature": 0.1}})
     """Reward terms optimised by policy gradient (see ``refit_gym.rewards.build_reward``)."""
 
@@ -148,6 +151,8 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
                  "exposed_steps", "categorical_samples"):
         if getattr(config, name) < 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")
+    if config.holdout_count is not None and config.holdout_count < 0:
+        raise ConfigError(f"finetune.holdout_count must be >= 0 or null, got {config.holdout_count}")
     if not 0 <= config.holdout_fraction < 1:
         raise ConfigError(f"finetune.holdout_fraction must be in [0, 1), got {config.holdout_fraction}")
     if isinstance(config.reward, (str, dict)):  # an instance (Python use) is checked when it binds

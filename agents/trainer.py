@@ -99,7 +99,8 @@ def build_learner(settings: FinetuneConfig, base: BaseModel, data: InteractionDa
         batch_size=len(shard) * group_size, row_window=(shard.start * group_size, users * group_size),
         action_mode=settings.action_mode,
         exposed_steps=min(settings.exposed_steps or base.diffusion.steps, base.diffusion.steps),
-        holdout=settings.holdout, holdout_fraction=settings.holdout_fraction, device=device,
+        holdout=settings.holdout, holdout_fraction=settings.holdout_fraction,
+        holdout_count=settings.holdout_count, device=device,
     )
     policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
                              settings.log_prob_reduction).to(device)

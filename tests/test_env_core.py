@@ -131,6 +131,20 @@ def test_visible_and_held_out_partition_the_training_row(data, holdout):
         assert np.array_equal(episode.held_out.numpy(), hidden > 0)
 
 
+@pytest.mark.parametrize("holdout", ["recent", "random"])
+def test_a_holdout_count_hides_exactly_that_many_items(data, holdout):
+    core = make_core(data, batch_size=8, holdout=holdout, holdout_count=2)
+    core.reset(np.random.default_rng(0))
+    episode = core.episode()
+    lengths = (data.train[core.users.numpy()] > 0).sum(1).A1
+    assert episode.held_out.sum(1).numpy().tolist() == np.minimum(2, lengths - 1).tolist()
+    if holdout == "recent":  # the last two positions of each chronological history
+        for row, user in enumerate(core.users.tolist()):
+            assert set(np.flatnonzero(episode.held_out[row].numpy())) == set(data.train_sequences[user][-2:].tolist())
+    with pytest.raises(ConfigError, match="holdout_count"):
+        make_core(data, holdout_count=-1)
+
+
 def test_random_holdout_is_drawn_per_episode_and_seeded(data):
     core = make_core(data, batch_size=8, holdout="random")
     rng = np.random.default_rng(5)

@@ -60,12 +60,17 @@ def stream_seed(episode_seed: int, stream: int, step: int = 0) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def held_out_counts_tensor(lengths: torch.Tensor, fraction: float) -> torch.Tensor:
-    """How many training items each user hides: ``round(fraction * L)``, at least 1, at most ``L - 1``.
+def held_out_counts_tensor(lengths: torch.Tensor, fraction: float, count: Optional[int] = None) -> torch.Tensor:
+    """How many training items each user hides: ``round(fraction * L)`` (or ``count`` when given),
+    at least 1, at most ``L - 1``.
 
     ``L`` is the length of the user's history. A user with one item hides nothing (the input
-    would be empty), and ``fraction = 0`` hides nothing.
+    would be empty), and ``fraction = 0`` (or ``count = 0``) hides nothing.
     """
+    if count is not None:
+        if count <= 0:
+            return torch.zeros_like(lengths)
+        return torch.minimum(torch.full_like(lengths, count), (lengths - 1).clamp_min(0))
     if fraction <= 0.0:
         return torch.zeros_like(lengths)
     counts = torch.floor(fraction * lengths.to(torch.float64) + 0.5).to(torch.int64)
@@ -172,6 +177,9 @@ class DenoisingMDP:
             on items: an item repeated in a history that is also shown at an earlier position
             stays in the input and is not scored.
         holdout_fraction: the hidden fraction, in ``[0, 1)`` (see :func:`held_out_counts_tensor`).
+        holdout_count: hide exactly this many items per user instead of a fraction (at most
+            ``L - 1``; the sequential scenarios hide the last training item: 1); ``None`` = use
+            ``holdout_fraction``.
         noise_steps: the start vector is ``q_sample``d to this step first (0 = un-noised);
             default: the model's own (DiffRec: 0).
         action_bound: actions are validated, then clipped to ``[-action_bound, action_bound]``;
@@ -202,6 +210,7 @@ class DenoisingMDP:
         transition_std: Optional[float] = None,
         holdout: str = "recent",
         holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+        holdout_count: Optional[int] = None,
         noise_steps: Optional[int] = None,
         action_bound: float = DEFAULT_ACTION_BOUND,
         device: torch.device | str = "cpu",
@@ -238,6 +247,7 @@ class DenoisingMDP:
         self.stochastic_prefix = bool(stochastic_prefix)
         self.holdout = _check_choice("holdout", holdout, HOLDOUT_MODES)
         self.holdout_fraction = _check_number("holdout_fraction", holdout_fraction, 0.0, 1.0, high_open=True)
+        self.holdout_count = None if holdout_count is None else _check_int("holdout_count", holdout_count, 0, 2**31 - 1)
         self.noise_steps = model.noise_steps if noise_steps is None else _check_int(
             "noise_steps", noise_steps, 0, self.steps
         )
@@ -334,6 +344,7 @@ class DenoisingMDP:
             "transition_std": self.transition_std,
             "holdout": self.holdout,
             "holdout_fraction": self.holdout_fraction,
+            "holdout_count": self.holdout_count,
             "noise_steps": self.noise_steps,
             "action_bound": self.action_bound,
             "precision": self.precision,
@@ -458,7 +469,7 @@ class DenoisingMDP:
             return torch.zeros_like(history.visible)
         if self.holdout == "recent":
             lengths = history.lengths()
-            first_hidden = lengths - held_out_counts_tensor(lengths, self.holdout_fraction)
+            first_hidden = lengths - held_out_counts_tensor(lengths, self.holdout_fraction, self.holdout_count)
             return history.visible & (history.visible_rank() >= first_hidden.unsqueeze(1))
         generator = self._seeded(_HOLDOUT)
         width = padded_width(self.n_items)
@@ -471,7 +482,7 @@ class DenoisingMDP:
         ranks = torch.empty_like(order).scatter_(
             1, order, torch.arange(self.n_items, device=self.device).expand_as(order).contiguous()
         )
-        counts = held_out_counts_tensor(items.sum(1), self.holdout_fraction)
+        counts = held_out_counts_tensor(items.sum(1), self.holdout_fraction, self.holdout_count)
         hidden_items = torch.cat([ranks < counts.unsqueeze(1), torch.zeros_like(items[:, :1])], dim=1)
         return history.visible & hidden_items.gather(1, history.items)
 

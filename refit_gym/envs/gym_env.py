@@ -93,6 +93,7 @@ class DenoisingEnv(gym.Env):
     | ``transition_std`` | schedule | ``x0``-mode transition noise std (``0`` = deterministic) |
     | ``holdout`` | ``"recent"`` | hide each user's most recent training items, a ``"random"`` subset, or ``"none"`` |
     | ``holdout_fraction`` | 0.25 | fraction hidden, ``round(f L)`` clipped to ``[1, L - 1]`` |
+    | ``holdout_count`` | None | hide exactly this many items per user instead (at most ``L - 1``; the sequential scenarios: 1) |
     | ``noise_steps`` | model's (0) | forward-noise the start vector to this step |
     | ``action_bound`` | 10.0 | b |
     | ``reward`` | ``{"loglik": 1}`` | spec for :func:`refit_gym.rewards.build_reward` |

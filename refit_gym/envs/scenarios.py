@@ -53,6 +53,8 @@ class EnvConfig:
     """``recent``, ``random`` or ``none``: which training items are hidden and scored."""
     holdout_fraction: Optional[float] = None
     """Fraction of each user's training items hidden."""
+    holdout_count: Optional[int] = None
+    """Hide exactly this many of each user's training items instead (sequential scenarios: 1)."""
     noise_steps: Optional[int] = None
     """Forward-noise the start vector to this step first (None: the model's own)."""
     action_bound: Optional[float] = None
@@ -69,7 +71,7 @@ class EnvConfig:
 
 
 CHAIN_KWARGS = ("action_mode", "exposed_steps", "stochastic_prefix", "transition_std", "holdout",
-                "holdout_fraction", "noise_steps", "action_bound", "precision")
+                "holdout_fraction", "holdout_count", "noise_steps", "action_bound", "precision")
 """Keyword arguments of an env passed through to :class:`~refit_gym.envs.core.DenoisingMDP`."""
 
 
