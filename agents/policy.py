@@ -63,10 +63,10 @@ class DenoisingPolicy(DenoiserPolicy):
     def log_prob(self, action: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return gaussian_log_prob(action, loc, self.log_std, self.log_prob_reduction)
 
-    def log_prob_of_mean(self, n_items: int) -> torch.Tensor:
+    def log_prob_of_mean(self, width: int) -> torch.Tensor:
         """``log_prob(loc, loc)``: the density at the mean, ``-(log_std + log(2 pi) / 2)`` per dim."""
         per_dim = -(self.log_std.detach() + 0.5 * math.log(2 * math.pi))
-        return per_dim * n_items if self.log_prob_reduction == "sum" else per_dim
+        return per_dim * width if self.log_prob_reduction == "sum" else per_dim
 
     def set_log_std(self, value: float) -> None:
         with torch.no_grad():

@@ -29,13 +29,13 @@ from refit_gym.rewards.base import EpisodeBatch
 class Rollout:
     """The last ``S`` recorded steps of ``N = users * K`` episodes (tensors on the env's device)."""
 
-    states: torch.Tensor  # (S, N, n_items): x_t before each step
+    states: torch.Tensor  # (S, N, state_dim): x_t before each step
     remaining: torch.Tensor  # (S, N, 1) int64: remaining steps t before each step
-    actions: torch.Tensor  # (S, N, n_items): the sampled actions (unclipped)
+    actions: torch.Tensor  # (S, N, state_dim): the sampled actions (unclipped)
     log_probs: torch.Tensor  # (S, N): log-prob of each action when it was sampled
     rewards: torch.Tensor  # (S, N): reward received after each step (terminal reward on the last)
     components: dict[str, torch.Tensor]  # term -> (N,) unweighted terminal reward terms
-    final_state: torch.Tensor  # (N, n_items)
+    final_state: torch.Tensor  # (N, state_dim)
     episode: EpisodeBatch
     context: dict[str, torch.Tensor]
     group_size: int
@@ -103,12 +103,12 @@ def collect_rollouts(
         raise ConfigError(f"recorded_steps={recorded_steps} would drop explored steps (explored_steps={explored_steps}, "
                           "0 = all): record at least every explored step")
     observation = core.reset(rng, users=users)
-    steps, n, n_items = core.exposed_steps, len(users), core.n_items
+    steps, n, width = core.exposed_steps, len(users), core.state_dim
     first_explored = 0 if explored_steps <= 0 else max(0, steps - explored_steps)
     first_recorded = 0 if recorded_steps <= 0 else max(0, steps - recorded_steps)
     recorded, device = steps - first_recorded, core.device
-    states = torch.empty(recorded, n, n_items, device=device)
-    actions = torch.empty(recorded, n, n_items, device=device)
+    states = torch.empty(recorded, n, width, device=device)
+    actions = torch.empty(recorded, n, width, device=device)
     remaining = torch.empty(recorded, n, 1, dtype=torch.int64, device=device)
     log_probs = torch.zeros(recorded, n, device=device)
     rewards = torch.zeros(recorded, n, device=device)
@@ -123,7 +123,7 @@ def collect_rollouts(
         if r >= 0:
             states[r], remaining[r], actions[r] = observation["x_t"], observation["t"], action
             # the log-density of the mean itself is a constant: no pass over the batch for it
-            log_probs[r] = policy.log_prob(action, loc) if explored else policy.log_prob_of_mean(n_items)
+            log_probs[r] = policy.log_prob(action, loc) if explored else policy.log_prob_of_mean(width)
         result = core.step(action)
         if r >= 0:
             rewards[r] = result.reward

@@ -144,16 +144,21 @@ def _classes() -> dict[str, type]:
             return observations
 
     class DenoiserExtractor(nn.Module):
-        """SB3's ``mlp_extractor``: actor latent = ``policy.loc(x_t, t)`` (``n_items``), critic latent =
-        one-hot of the remaining steps ``t`` (``k + 1``)."""
+        """SB3's ``mlp_extractor``: actor latent = ``policy.loc(x_t, t)`` (``state_dim``), critic latent =
+        one-hot of the remaining steps ``t`` (``k + 1``). SB3 hands every observation over as
+        floats: integer conditioning (a sequential model's item ids) is cast back to its space's dtype."""
 
-        def __init__(self, policy: DenoisingPolicy, n_items: int, max_t: int) -> None:
+        def __init__(self, policy: DenoisingPolicy, state_dim: int, max_t: int, observation_space=None) -> None:
             super().__init__()
             self.refit = policy
-            self.latent_dim_pi, self.latent_dim_vf, self.max_t = n_items, max_t + 1, max_t
+            self.latent_dim_pi, self.latent_dim_vf, self.max_t = state_dim, max_t + 1, max_t
+            spaces = {} if observation_space is None else observation_space.spaces
+            self.integer_keys = {k for k, space in spaces.items()
+                                 if k not in STATE_KEYS and np.issubdtype(space.dtype, np.integer)}
 
         def forward_actor(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-            context = {k: v for k, v in obs.items() if k not in STATE_KEYS}
+            context = {k: v.round().long() if k in self.integer_keys else v
+                       for k, v in obs.items() if k not in STATE_KEYS}
             return self.refit.loc(obs["x_t"], obs["t"], **context)
 
         def forward_critic(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -176,7 +181,7 @@ def _classes() -> dict[str, type]:
         def _build_mlp_extractor(self) -> None:
             t_space = self.observation_space["t"]
             self.mlp_extractor = DenoiserExtractor(self._refit_holder[0], int(self.action_space.shape[0]),
-                                                   int(np.max(t_space.high)))
+                                                   int(np.max(t_space.high)), self.observation_space)
 
         def _build(self, lr_schedule) -> None:
             if self._reduction == "mean":
