@@ -7,7 +7,14 @@ name           model                                                           f
 ``tdiffrec``   T-DiffRec: DiffRec over recency-weighted rows                   ``tdiffrec.py``
 ``cfdiff``     CF-Diff: cross-attention denoiser conditioned on 2- and 3-hop   ``cfdiff.py``
                neighbourhood rows
+``diffurec``   DiffuRec: Transformer approximator over the history, the next  ``diffurec.py``
+               item's embedding diffused (sequential)
+``dreamrec``   DreamRec: MLP denoiser conditioned on the history encoding,    ``dreamrec.py``
+               classifier-free guidance (sequential)
 =============  ==============================================================  ================
+
+The sequential models share ``sequential.py`` (embedding state, windows, per-user evaluation
+noise) and ``sequence_encoder.py`` (SASRec's self-attention encoder).
 
 Your own model: subclass :class:`BaseModel` in any module and name it in a config as
 ``model: {name: "package.module:Class", ...}`` (or :func:`register_model` it); see

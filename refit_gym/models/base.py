@@ -51,7 +51,7 @@ class ModelConfig:
     """The ``model`` section of a config; each base model extends it with its own fields."""
 
     name: str = "diffrec"
-    """Base model: a registered name (``diffrec``, ``tdiffrec``, ``cfdiff``; see
+    """Base model: a registered name (``diffrec``, ``tdiffrec``, ``cfdiff``, ``diffurec``, ``dreamrec``; see
     ``refit_gym.models.MODELS``) or the import path ``package.module:Class`` of your own."""
 
 
@@ -205,6 +205,8 @@ MODELS: dict[str, str] = {
     "diffrec": "refit_gym.models.diffrec:DiffRec",
     "tdiffrec": "refit_gym.models.tdiffrec:TDiffRec",
     "cfdiff": "refit_gym.models.cfdiff:CFDiff",
+    "diffurec": "refit_gym.models.diffurec:DiffuRec",
+    "dreamrec": "refit_gym.models.dreamrec:DreamRec",
 }
 """Registered base models: name -> ``module:Class`` (imported on first use)."""
 

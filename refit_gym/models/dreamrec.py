@@ -1,0 +1,142 @@
+"""DreamRec (Yang et al., NeurIPS 2023; code YangZhengyi98/DreamRec): generate the next item's embedding.
+
+The diffused state is the next item's embedding (``refit_gym/models/sequential.py``). The
+condition is the history's encoding ``h`` (a self-attention encoder, read at the newest
+position); the denoiser predicts ``x0`` from ``[x_t, h, step embedding]``:
+
+* ``denoiser: mlp1`` -- one ``Linear(3 hidden -> hidden)`` (the official default), or ``mlp2`` --
+  ``Linear(3 hidden -> 2 hidden) - GELU - Linear(2 hidden -> hidden)``;
+* step embedding ``sinusoid(t, hidden)`` through ``Linear(hidden, 2 hidden) - GELU - Linear(2 hidden,
+  hidden)``;
+* **classifier-free guidance**: during training ``h`` is replaced by a learned "none" embedding
+  with probability ``p_uncond``; the chain uses ``(1 + w) f(x_t, h, t) - w f(x_t, none, t)``.
+
+Loss: ``MSE(E[target], f(x_t, h, t))`` (x0-prediction, mean over the embedding), timesteps
+uniform. Item scores: ``x0 E^T``. Embeddings are ``N(0, 1)`` initialised, as in the official code.
+
+Settings (``training``, see ``sequential.py``): ``every_prefix`` (faithful: one example per
+prefix, the encoder attends over the whole window) or ``causal_pass`` (CPU: all positions of a
+user's window at once with a **causal** encoder; position ``j``'s encoding conditions the
+prediction of item ``j + 1`` -- the same examples, since DreamRec's condition is an encoding of
+the prefix alone). DreamRec's own history window is the last 10 items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from refit_gym.data.interactions import TrainingInteractions
+from refit_gym.diffusion.gaussian import GaussianDiffusion
+from refit_gym.errors import ConfigError
+from refit_gym.models.base import ChainInputs
+from refit_gym.models.sequence_encoder import CausalSequenceEncoder
+from refit_gym.models.sequential import SequentialConfig, SequentialDiffusion, trim_padding
+from refit_gym.models.time_embedding import timestep_embedding
+
+DENOISERS = ("mlp1", "mlp2")
+
+
+@dataclass
+class DreamRecConfig(SequentialConfig):
+    name: str = "dreamrec"
+    hidden: int = 64
+    """Item embedding width (DreamRec: 64)."""
+    n_blocks: int = 1
+    """Self-attention blocks of the history encoder (DreamRec: 1)."""
+    n_heads: int = 1
+    """Attention heads (DreamRec: 1)."""
+    max_len: int = 10
+    """History window (DreamRec: 10)."""
+    dropout: float = 0.1
+    """Dropout of the encoder (DreamRec: 0.1)."""
+    denoiser: str = "mlp1"
+    """``mlp1`` (DreamRec's default) or ``mlp2``."""
+    p_uncond: float = 0.1
+    """Probability of training with the "none" condition (classifier-free guidance)."""
+    guidance: float = 2.0
+    """Guidance weight ``w`` of the chain (DreamRec: 2)."""
+
+
+class DreamRecDenoiser(nn.Module):
+    """``f(x_t, h, t)``, the guided combination and the "none" condition (see the module docstring)."""
+
+    def __init__(self, config: DreamRecConfig) -> None:
+        super().__init__()
+        if config.denoiser not in DENOISERS:
+            raise ConfigError(f"model.denoiser must be one of {DENOISERS}, got {config.denoiser!r}")
+        if not 0.0 <= config.p_uncond < 1.0:
+            raise ConfigError(f"model.p_uncond must be in [0, 1), got {config.p_uncond}")
+        hidden = config.hidden
+        self.hidden, self.guidance = hidden, float(config.guidance)
+        self.step_mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        if config.denoiser == "mlp1":
+            self.net = nn.Sequential(nn.Linear(3 * hidden, hidden))
+        else:
+            self.net = nn.Sequential(nn.Linear(3 * hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        self.none_embedding = nn.Parameter(torch.randn(hidden))
+
+    def conditional(self, x_t: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step = self.step_mlp(timestep_embedding(t.reshape(-1), self.hidden)).view_as(x_t)
+        return self.net(torch.cat([x_t, h, step], dim=-1))
+
+    def forward(self, x_t: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided ``x0`` prediction ``(1 + w) f(x_t, h, t) - w f(x_t, none, t)``."""
+        conditional = self.conditional(x_t, h, t)
+        if self.guidance == 0.0:
+            return conditional
+        unconditional = self.conditional(x_t, self.none_embedding.expand_as(h), t)
+        return (1.0 + self.guidance) * conditional - self.guidance * unconditional
+
+
+class DreamRec(SequentialDiffusion):
+    """DreamRec on the base-model interface (see the module docstring)."""
+
+    name = "dreamrec"
+    Config = DreamRecConfig
+
+    def __init__(
+        self, config: DreamRecConfig, diffusion: GaussianDiffusion, train: TrainingInteractions, noise_steps: int = 0
+    ) -> None:
+        super().__init__(config, diffusion, train, noise_steps)
+        nn.init.normal_(self.item_embedding.weight, 0.0, 1.0)  # as DreamRec
+        self.encoder = CausalSequenceEncoder(
+            self.n_items, config.hidden, config.n_blocks, config.n_heads, config.max_len, config.dropout,
+            config.dropout, item_embedding=self.item_embedding, causal=config.training == "causal_pass",
+            embedding_scale=1.0,
+        )
+        self.denoiser = DreamRecDenoiser(config)
+
+    def history_encoding(self, items: torch.Tensor) -> torch.Tensor:
+        """``(B, hidden)``: the encoding of the window at its newest position."""
+        return self.encoder(trim_padding(items, self.pad))[:, -1]
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x_t, self.history_encoding(items), t)
+
+    @torch.no_grad()
+    def sample(self, inputs: ChainInputs, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The deterministic chain, the history encoded once (it does not depend on ``x_t``)."""
+        h = self.history_encoding(inputs.condition["items"])
+        return self.diffusion.sample(lambda x_t, t, h: self.denoiser(x_t, h, t), self.start_state(inputs, noise), 0, h=h)
+
+    def next_item_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
+        if self.config.training == "every_prefix":
+            h = torch.zeros(*targets.shape, self.config.hidden, device=self.device)
+            h[:, -1] = self.history_encoding(inputs)
+        else:
+            h = self.encoder(inputs)
+        drop = torch.rand(targets.shape, generator=generator).to(self.device) < self.config.p_uncond
+        h = torch.where(drop.unsqueeze(-1), self.denoiser.none_embedding.expand_as(h), h)
+        t = self.sample_timesteps(tuple(targets.shape), generator)
+        x0, x_t = self.noised_targets(targets, t, generator)
+        real = targets != self.pad
+        losses = torch.zeros(targets.shape, device=self.device)
+        prediction = self.denoiser.conditional(x_t[real], h[real], t[real])
+        losses[real] = (prediction - x0[real]).pow(2).mean(-1)
+        return losses

@@ -1,0 +1,190 @@
+"""The sequential diffusion recommenders (DiffuRec, DreamRec) against straightforward references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refit_gym.config import DiffusionConfig
+from refit_gym.data.history import SequenceTable
+from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
+from refit_gym.diffusion.schedules import make_betas
+from refit_gym.errors import ConfigError
+from refit_gym.models import build_model, model_config
+from refit_gym.models.sequence_encoder import CausalSequenceEncoder
+from refit_gym.models.sequential import trim_padding
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+N_ITEMS = 12
+SEQUENCES = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 0, 1], [2, 3, 4], [6, 7, 8, 9]]
+
+
+def sequence_data() -> InteractionData:
+    sequences = UserSequences.from_lists(SEQUENCES)
+    users = np.repeat(np.arange(len(SEQUENCES)), sequences.lengths)
+    n = len(SEQUENCES)
+    valid = pairs_to_csr(np.arange(n), np.array([5, 0, 2, 11, 10]), n, N_ITEMS)
+    test = pairs_to_csr(np.arange(n), np.array([6, 1, 3, 10, 11]), n, N_ITEMS)
+    return InteractionData(name="toy-seq", train=pairs_to_csr(users, sequences.items, n, N_ITEMS), valid=valid,
+                           test=test, train_sequences=sequences)
+
+
+DIFFUSION = DiffusionConfig(steps=4, noise_schedule="trunc-lin", beta_fixed=False, reweight=False,
+                            timestep_sampling="uniform")
+
+
+def small(name: str, **overrides):
+    values = {"name": name, "hidden": 8, "max_len": 4, **overrides}
+    if name == "diffurec":
+        values.update(n_blocks=1, n_heads=2)
+    return build_model(model_config(values), DIFFUSION, sequence_data())
+
+
+def test_trunc_lin_is_diffurecs_schedule():
+    betas = make_betas("trunc-lin", 32, 0.0, 0.0, 0.0, beta_fixed=False)
+    scale = 1000 / 32
+    np.testing.assert_allclose(betas, np.linspace(scale * 1e-4 + 0.01, scale * 0.02 + 0.01, 32))
+    short = make_betas("trunc-lin", 10, 0.0, 0.0, 0.0, beta_fixed=False)  # end > 1: DiffuRec's fallback
+    np.testing.assert_allclose(short[-1], 100 * 1e-3 + 0.01)
+
+
+def test_exp_is_dreamrecs_schedule():
+    betas = make_betas("exp", 200, 0.0, 0.0, 0.0, beta_fixed=False)
+    x = np.linspace(1, 401, 200)
+    np.testing.assert_allclose(betas, 1 - np.exp(-0.1 / 200 - x * 0.5 * 9.9 / 200**2))
+    assert 0 < betas[0] < betas[-1] < 1
+
+
+@pytest.mark.parametrize("name", ["diffurec", "dreamrec"])
+def test_every_prefix_examples_are_all_prefix_target_pairs(name):
+    model = small(name, training="every_prefix", max_len=3)
+    table = SequenceTable(UserSequences.from_lists(SEQUENCES), N_ITEMS)
+    seen = []
+    for batch in model.training_batches(table, 4, torch.Generator().manual_seed(0)):
+        for user, window in zip(batch.users.tolist(), batch.items.tolist()):
+            seen.append((user, tuple(window)))
+    expected = []
+    for user, sequence in enumerate(SEQUENCES):
+        for end in range(2, len(sequence) + 1):
+            window = sequence[max(0, end - 4) : end]
+            expected.append((user, tuple([N_ITEMS] * (4 - len(window)) + window)))
+    assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.parametrize("window", ["recent", "random"])
+def test_causal_pass_gives_one_window_per_user(window):
+    model = small("diffurec", window=window, max_len=3)
+    table = SequenceTable(UserSequences.from_lists(SEQUENCES), N_ITEMS)
+    batches = list(model.training_batches(table, 2, torch.Generator().manual_seed(1)))
+    users = sorted(u for b in batches for u in b.users.tolist())
+    assert users == list(range(len(SEQUENCES)))
+    for batch in batches:
+        for user, row in zip(batch.users.tolist(), batch.items.tolist()):
+            real = [item for item in row if item != N_ITEMS]
+            sequence = SEQUENCES[user]
+            assert any(sequence[i : i + len(real)] == real for i in range(len(sequence)))  # a contiguous window
+            if window == "recent":
+                assert real == sequence[-4:]
+
+
+def test_trim_padding_drops_only_all_padding_columns():
+    items = torch.tensor([[9, 9, 1, 2], [9, 9, 9, 3]])
+    assert trim_padding(items, 9).tolist() == [[1, 2], [9, 3]]
+    assert trim_padding(torch.tensor([[1, 9]]), 9).tolist() == [[1, 9]]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_encoder_last_position_ignores_left_padding(causal):
+    torch.manual_seed(0)
+    encoder = CausalSequenceEncoder(N_ITEMS, 8, 2, 2, 6, causal=causal).eval()
+    short = torch.tensor([[N_ITEMS, 3, 4, 5]])
+    long = torch.tensor([[N_ITEMS, N_ITEMS, N_ITEMS, 3, 4, 5]])
+    torch.testing.assert_close(encoder(short)[:, -1], encoder(long)[:, -1], rtol=1e-5, atol=1e-6)
+    if causal:  # an earlier position never reads a later item
+        changed = torch.tensor([[N_ITEMS, 3, 4, 0]])
+        torch.testing.assert_close(encoder(short)[:, :3], encoder(changed)[:, :3])
+
+
+@pytest.mark.parametrize("name", ["diffurec", "dreamrec"])
+def test_scores_do_not_depend_on_the_batch_or_its_chunking(name):
+    model = small(name).eval()
+    table = SequenceTable(UserSequences.from_lists(SEQUENCES), N_ITEMS)
+    everyone = model.score(table.batch(torch.arange(5)), chunk=2)
+    alone = torch.cat([model.score(table.batch(torch.tensor([u]))) for u in range(5)])
+    torch.testing.assert_close(everyone, alone, rtol=1e-5, atol=1e-5)
+    assert everyone.shape == (5, N_ITEMS)
+
+
+def test_diffurec_every_prefix_loss_is_the_cross_entropy_of_the_last_target():
+    model = small("diffurec", training="every_prefix").eval()  # eval: lambda is its mean, no dropout
+    items = torch.tensor([[N_ITEMS, 1, 2, 3, 4], [N_ITEMS, N_ITEMS, N_ITEMS, 5, 6]])
+    inputs, targets = items[:, :-1], items[:, 1:]
+    targets = targets.masked_fill(inputs == N_ITEMS, N_ITEMS)
+    targets = torch.cat([torch.full_like(targets[:, :-1], N_ITEMS), targets[:, -1:]], dim=1)
+    losses = model.next_item_loss(inputs, targets, torch.Generator().manual_seed(3))
+    # the reference: the same draws (t, then the noise), one example at a time
+    generator = torch.Generator().manual_seed(3)
+    t = torch.randint(0, DIFFUSION.steps, (2,), generator=generator)
+    noise = torch.randn(2, 1, 8, generator=generator)
+    for row in range(2):
+        x0 = model.item_embedding.weight[items[row, -1]]
+        x_t = model.diffusion.q_sample(x0.unsqueeze(0), t[row : row + 1], noise=noise[row])
+        logits = model.item_scores(model.denoise(x_t, t[row : row + 1], inputs[row : row + 1]))
+        expected = F.cross_entropy(logits, items[row, -1:])
+        torch.testing.assert_close(losses[row, -1], expected, rtol=1e-5, atol=1e-5)
+        assert (losses[row, :-1] == 0).all()
+
+
+def test_dreamrec_guidance_combines_the_conditional_and_unconditional_predictions():
+    model = small("dreamrec", guidance=2.0).eval()
+    x_t, t, h = torch.randn(3, 8), torch.tensor([0, 1, 3]), torch.randn(3, 8)
+    conditional = model.denoiser.conditional(x_t, h, t)
+    unconditional = model.denoiser.conditional(x_t, model.denoiser.none_embedding.expand_as(h), t)
+    torch.testing.assert_close(model.denoiser(x_t, h, t), 3.0 * conditional - 2.0 * unconditional)
+
+
+@pytest.mark.parametrize("name", ["diffurec", "dreamrec"])
+@pytest.mark.parametrize("training", ["every_prefix", "causal_pass"])
+def test_pretraining_steps_lower_the_loss(name, training):
+    torch.manual_seed(0)
+    model = small(name, training=training)
+    table = SequenceTable(UserSequences.from_lists(SEQUENCES), N_ITEMS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def epoch_loss(step: bool) -> float:
+        total = []
+        generator = torch.Generator().manual_seed(5)
+        for batch in model.training_batches(table, 16, generator):
+            loss = model.training_loss(batch, None, generator=generator)
+            if step:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            total.append(float(loss.detach()))
+        return float(np.mean(total))
+
+    model.eval()
+    before = epoch_loss(False)
+    model.train()
+    for _ in range(60):
+        epoch_loss(True)
+    model.eval()
+    assert epoch_loss(False) < 0.7 * before
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"training": "all"}, "model.training"),
+    ({"window": "oldest"}, "model.window"),
+    ({"max_len": 0}, "model.max_len"),
+])
+def test_bad_sequential_settings_are_refused_by_name(values, message):
+    with pytest.raises(ConfigError, match=message):
+        small("diffurec", **values)
+
+
+def test_dreamrec_bad_denoiser_is_refused():
+    with pytest.raises(ConfigError, match="model.denoiser"):
+        small("dreamrec", denoiser="unet")
