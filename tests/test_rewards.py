@@ -14,6 +14,7 @@ from refit_gym.data import make_synthetic
 from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
 from refit_gym.errors import ConfigError, EpisodeStateError
 from refit_gym.rewards import (
+    NextItemCollaborativeReward,
     REWARD_TERMS,
     CollaborativeReward,
     EpisodeBatch,
@@ -613,8 +614,9 @@ def all_terms(interactions) -> dict[str, RewardTerm]:
 def test_differentiability_flags(interactions, episode, scores):
     terms = all_terms(interactions)
     terms["collaborative_diff"] = CollaborativeReward(k=5, differentiable=True).bind(interactions)
-    expected = {"loglik": True, "likelihood": True, "collaborative": False, "recall": False, "ndcg": False,
-                "collaborative_diff": True}
+    terms["next_collaborative_diff"] = NextItemCollaborativeReward(k=5, differentiable=True).bind(interactions)
+    expected = {"loglik": True, "likelihood": True, "collaborative": False, "next_collaborative": False,
+                "recall": False, "ndcg": False, "collaborative_diff": True, "next_collaborative_diff": True}
     for name, term in terms.items():
         assert term.differentiable is expected[name], name
         x = scores.clone().requires_grad_(True)
@@ -703,3 +705,56 @@ def test_degenerate_rows_have_zero_similarity(measure):
     episode = EpisodeBatch(users=torch.arange(8), visible=visible, held_out=torch.zeros(8, 6, dtype=torch.bool))
     value = term(torch.randn(8, 6), episode)
     assert torch.all(torch.isfinite(value)) and value[0] == 0 and value[1] == 0
+
+
+# ------------------------------------------------------------------ next-item collaborative term
+def test_next_item_targets_match_a_plain_python_reference():
+    from refit_gym.rewards import NextItemCollaborativeReward, UserNeighbours, next_item_targets
+
+    sequences = UserSequences.from_lists([[0, 1, 2, 3], [1, 4, 0, 5, 1, 6], [2, 3, 4], [3, 1, 7]])
+    neighbours = UserNeighbours(np.array([[1, 3], [0, 2], [0, 1], [1, 0]]),
+                                np.array([[0.5, 0.25], [0.5, 0.1], [0.3, -0.2], [0.2, 0.0]], dtype=np.float32),
+                                "cosine")
+    n_items, users = 8, np.array([0, 0, 2])
+    visible = np.zeros((3, n_items), dtype=bool)
+    visible[0, [0, 1]] = True  # user 0 sees 0, 1 (2, 3 held out): last visible item 1
+    visible[1, [0, 1, 2]] = True  # another row of user 0: last visible item 2
+    visible[2, [2, 3]] = True  # user 2 sees 2, 3: last visible item 3
+    for context in (1, 2):
+        targets = next_item_targets(sequences, neighbours, users, visible, n_items, context).toarray()
+        for row, user in enumerate(users):
+            own = [i for i in sequences[user].tolist() if visible[row, i]]
+            start = set(own[-context:])
+            expected = np.zeros(n_items)
+            for v, s in zip(neighbours.ids[user], neighbours.similarity[user]):
+                if s <= 0:
+                    continue
+                seq = sequences[v].tolist()
+                for a, b in zip(seq[:-1], seq[1:]):
+                    if a in start and not visible[row, b]:
+                        expected[b] += s
+            if expected.sum():
+                expected /= expected.sum()
+            np.testing.assert_allclose(targets[row], expected, rtol=1e-6, atol=1e-7, err_msg=f"row {row}")
+    # row 0 (user 0, after item 1): user 1 moved on to 4 and 6 (weight 0.5 each), user 3 to 7 (0.25)
+    np.testing.assert_allclose(next_item_targets(sequences, neighbours, users[:1], visible[:1], n_items).toarray()[0],
+                               np.array([0, 0, 0, 0, 0.4, 0, 0.4, 0.2]), rtol=1e-6)
+    with pytest.raises(ConfigError, match="context"):
+        NextItemCollaborativeReward(context=0)
+
+
+def test_next_item_term_scores_its_target_and_is_zero_without_one(synthetic_data):
+    from refit_gym.rewards import NextItemCollaborativeReward
+
+    interactions = TrainingInteractions.from_data(synthetic_data)
+    term = NextItemCollaborativeReward(k=5, temperature=1.0).bind(interactions)
+    users = torch.arange(6)
+    visible = torch.from_numpy(synthetic_data.train[:6].toarray()).float()
+    episode = EpisodeBatch(users=users, visible=visible, held_out=torch.zeros_like(visible, dtype=torch.bool))
+    scores = torch.randn(6, synthetic_data.n_items, generator=torch.Generator().manual_seed(0))
+    value = term(scores, episode)
+    targets = torch.from_numpy(term.episode_targets(episode).toarray())
+    log_p = masked_log_softmax(scores, visible, 1.0)
+    expected = (targets * torch.where(targets > 0, log_p, torch.zeros_like(log_p))).sum(1)
+    torch.testing.assert_close(value, expected.float(), rtol=1e-5, atol=1e-5)
+    assert (value[targets.sum(1) == 0] == 0).all()

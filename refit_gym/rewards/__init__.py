@@ -5,6 +5,8 @@ Terms (each a :class:`RewardTerm`; registry names in :data:`REWARD_TERMS`):
 - ``loglik`` :class:`HeldOutLogLikelihood` and ``likelihood`` :class:`HeldOutLikelihood`:
   recovery of the held-out training items (the log one is the exact-likelihood objective);
 - ``collaborative`` :class:`CollaborativeReward`: the items of the user's top-k similar users;
+- ``next_collaborative`` :class:`NextItemCollaborativeReward`: what those users did next after the
+  user's last visible item(s) (the sequential scenarios);
 - ``recall`` :class:`HeldOutRecall`, ``ndcg`` :class:`HeldOutNDCG`: the naive ranking rewards;
 
 combined by :class:`WeightedReward` (built from a config by :func:`build_reward`), plus the
@@ -17,6 +19,7 @@ from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping, Traini
 from refit_gym.rewards.cache import default_reward_cache_dir, matrix_fingerprint
 from refit_gym.rewards.collaborative import CollaborativeReward, collaborative_targets
 from refit_gym.rewards.likelihood import HeldOutLikelihood, HeldOutLogLikelihood
+from refit_gym.rewards.next_item import NextItemCollaborativeReward, next_item_targets
 from refit_gym.rewards.neighbours import (
     SIMILARITIES,
     UserNeighbours,
@@ -46,6 +49,7 @@ __all__ = [
     "HeldOutNDCG",
     "HeldOutPotential",
     "HeldOutRecall",
+    "NextItemCollaborativeReward",
     "REWARD_TERMS",
     "RewardTerm",
     "SHAPINGS",
@@ -58,6 +62,7 @@ __all__ = [
     "build_shaping",
     "clear_memory_cache",
     "collaborative_targets",
+    "next_item_targets",
     "default_reward_cache_dir",
     "find_neighbours",
     "matrix_fingerprint",

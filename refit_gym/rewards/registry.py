@@ -34,6 +34,7 @@ from refit_gym.errors import ConfigError
 from refit_gym.rewards.base import RewardTerm, StepShaping, TrainingInteractions
 from refit_gym.rewards.collaborative import CollaborativeReward
 from refit_gym.rewards.likelihood import HeldOutLikelihood, HeldOutLogLikelihood
+from refit_gym.rewards.next_item import NextItemCollaborativeReward
 from refit_gym.rewards.ranking import HeldOutNDCG, HeldOutRecall
 from refit_gym.rewards.shaping import HeldOutPotential
 from refit_gym.rewards.weighted import WeightedReward
@@ -42,6 +43,7 @@ REWARD_TERMS: dict[str, type[RewardTerm]] = {
     "loglik": HeldOutLogLikelihood,
     "likelihood": HeldOutLikelihood,
     "collaborative": CollaborativeReward,
+    "next_collaborative": NextItemCollaborativeReward,
     "recall": HeldOutRecall,
     "ndcg": HeldOutNDCG,
 }
