@@ -13,8 +13,7 @@ from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to
 from refit_gym.diffusion.schedules import make_betas
 from refit_gym.errors import ConfigError
 from refit_gym.models import build_model, model_config
-from refit_gym.models.sequence_encoder import CausalSequenceEncoder
-from refit_gym.models.sequential import trim_padding
+from refit_gym.models.sequence_encoder import CausalSequenceEncoder, trim_padding
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

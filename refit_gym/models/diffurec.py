@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from refit_gym.data.interactions import TrainingInteractions
 from refit_gym.diffusion.gaussian import GaussianDiffusion
 from refit_gym.errors import ConfigError
-from refit_gym.models.sequence_encoder import CausalSequenceEncoder
-from refit_gym.models.sequential import SequentialConfig, SequentialDiffusion, trim_padding
+from refit_gym.models.sequence_encoder import CausalSequenceEncoder, trim_padding
+from refit_gym.models.sequential import SequentialConfig, SequentialDiffusion
 from refit_gym.models.time_embedding import timestep_embedding
 
 

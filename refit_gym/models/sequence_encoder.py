@@ -155,6 +155,15 @@ class CausalSequenceEncoder(nn.Module):
         return self.forward(items)[:, -1]
 
 
+def trim_padding(items: torch.Tensor, pad: int) -> torch.Tensor:
+    """``items`` without its leading columns that are padding in every row (left-padded windows
+    lose nothing: padding keys are masked and positions are right-aligned)."""
+    real = (items != pad).any(0)
+    if bool(real[0]) or not bool(real.any()):
+        return items
+    return items[:, int(real.to(torch.int64).argmax()):]
+
+
 def next_item_windows(items: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-item targets of left-padded windows ``(B, L + 1)``: ``(items[:, :-1], items[:, 1:])``,
     the targets of padding inputs set to ``pad`` (ignored by the losses)."""

@@ -42,6 +42,7 @@ from refit_gym.data.interactions import TrainingInteractions
 from refit_gym.diffusion.gaussian import GaussianDiffusion
 from refit_gym.errors import ConfigError
 from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec, ModelConfig
+from refit_gym.models.sequence_encoder import trim_padding
 
 TRAINING_MODES = ("every_prefix", "causal_pass")
 BUCKET_POOL = 50
@@ -197,15 +198,6 @@ class SequentialDiffusion(BaseModel):
         return x0, flat.view_as(x0)
 
 
-def trim_padding(items: torch.Tensor, pad: int) -> torch.Tensor:
-    """``items`` without its leading columns that are padding in every row (left-padded windows
-    lose nothing: padding keys are masked and positions are right-aligned)."""
-    real = (items != pad).any(0)
-    if bool(real[0]) or not bool(real.any()):
-        return items
-    return items[:, int(real.to(torch.int64).argmax()):]
-
-
 def _windows(table: SequenceTable, users: torch.Tensor, ends: torch.Tensor, length: int) -> HistoryBatch:
     """The ``length`` items before each ``ends`` (exclusive) of the users' sequences, left-padded."""
     users, ends = users.to(table.device), ends.to(table.device)
@@ -218,4 +210,4 @@ def _windows(table: SequenceTable, users: torch.Tensor, ends: torch.Tensor, leng
     return HistoryBatch(users=users, items=items, visible=valid, n_items=table.n_items)
 
 
-__all__ = ["SequentialConfig", "SequentialDiffusion", "TRAINING_MODES", "WINDOWS", "trim_padding"]
+__all__ = ["SequentialConfig", "SequentialDiffusion", "TRAINING_MODES", "WINDOWS"]
