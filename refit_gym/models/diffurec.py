@@ -122,7 +122,6 @@ class DiffuRec(SequentialDiffusion):
         self, config: DiffuRecConfig, diffusion: GaussianDiffusion, train: TrainingInteractions, noise_steps: int = 0
     ) -> None:
         super().__init__(config, diffusion, train, noise_steps)
-        nn.init.normal_(self.item_embedding.weight, 0.0, 1.0)  # nn.Embedding's default, as DiffuRec
         self.approximator = DiffuRecApproximator(self.item_embedding, self.n_items, diffusion.steps, config)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

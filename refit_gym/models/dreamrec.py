@@ -102,7 +102,6 @@ class DreamRec(SequentialDiffusion):
         self, config: DreamRecConfig, diffusion: GaussianDiffusion, train: TrainingInteractions, noise_steps: int = 0
     ) -> None:
         super().__init__(config, diffusion, train, noise_steps)
-        nn.init.normal_(self.item_embedding.weight, 0.0, 1.0)  # as DreamRec
         self.encoder = CausalSequenceEncoder(
             self.n_items, config.hidden, config.n_blocks, config.n_heads, config.max_len, config.dropout,
             config.dropout, item_embedding=self.item_embedding, causal=config.training == "causal_pass",

@@ -65,6 +65,9 @@ class SequentialConfig(ModelConfig):
     """``causal_pass``: each user's most recent ``max_len + 1`` items, or a ``random`` window per epoch."""
     eval_seed: int = 0
     """Seed of the per-user start noise of evaluation (:meth:`SequentialDiffusion.score`)."""
+    embedding_std: float = 1.0
+    """Std of the item embedding's initialisation (DiffuRec and DreamRec: 1, ``nn.Embedding``'s
+    default; ``hidden ** -0.5`` starts the item logits ``x0 E^T`` near 0, as SASRec's init)."""
 
 
 class SequentialDiffusion(BaseModel):
@@ -88,8 +91,11 @@ class SequentialDiffusion(BaseModel):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if not float(config.embedding_std) > 0:
+            raise ConfigError(f"model.embedding_std must be > 0, got {config.embedding_std!r}")
         self.pad = self.n_items
         self.item_embedding = nn.Embedding(self.n_items + 1, config.hidden, padding_idx=self.pad)
+        nn.init.normal_(self.item_embedding.weight, 0.0, float(config.embedding_std))
 
     # ------------------------------------------------------------------ the interface
     @property
