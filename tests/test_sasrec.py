@@ -1,14 +1,17 @@
 """The SASRec baseline: causality, the loss against a per-position reference, learning a sequential
-pattern that popularity cannot, determinism, validation-only tuning and bad inputs."""
+pattern that popularity cannot, determinism, validation-only tuning, bad inputs and the CLI."""
 
 from __future__ import annotations
 
+import json
+import pickle
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from refit_gym.baselines import (
     PopularityRecommender,
@@ -18,6 +21,7 @@ from refit_gym.baselines import (
     tune_sasrec,
 )
 from refit_gym.baselines.sasrec import full_softmax_cross_entropy, training_windows
+from refit_gym.cli import main
 from refit_gym.data.history import SequenceTable
 from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
 from refit_gym.errors import ConfigError, DataError, NotFittedError
@@ -223,3 +227,35 @@ def test_fit_baseline_follows_fit_on(cycle_data):
     counts = np.asarray(cycle_data.train.sum(0)).ravel()
     assert popularity.item_counts.tolist() == counts.tolist()
     assert SASRecRecommender.fit_on == "data" and PopularityRecommender.fit_on == "train"
+
+
+def test_cli_baseline_sasrec(tmp_path, capsys):
+    lists = cycle_lists(n_users=80, n_items=24, seed=2)
+    n_items = 24
+    content = {  # DiffuRec's dataset.pkl layout: item ids 1..n_items
+        "train": {u: [i + 1 for i in items[:-2]] for u, items in enumerate(lists)},
+        "val": {u: [items[-2] + 1] for u, items in enumerate(lists)},
+        "test": {u: [items[-1] + 1] for u, items in enumerate(lists)},
+        "umap": {u: u for u in range(len(lists))},
+        "smap": {i: i + 1 for i in range(n_items)},
+    }
+    folder = tmp_path / "cycle"
+    folder.mkdir()
+    (folder / "dataset.pkl").write_bytes(pickle.dumps(content, protocol=4))
+    config = tmp_path / "sasrec.yaml"
+    config.write_text(yaml.safe_dump({"name": "sasrec", "seed": 0, "device": "cpu",
+                                      "data": {"dataset": str(folder)}, "evaluation": {"ks": [10, 20]}}))
+    capsys.readouterr()
+    base = ["baseline", "sasrec", "--config", str(config), "--no-progress", "--param", "hidden=16",
+            "--param", "n_blocks=1", "--param", "max_len=8", "--param", "lr=0.01", "--param", "threads=1"]
+    assert main([*base, "--split", "test", "--param", "max_epochs=6", "--param", "eval_every=2"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"hr@10", "hr@20", "ndcg@10", "ndcg@20", "sasrec_best_epoch", "sasrec_epochs"}
+    assert metrics["hr@10"] > 0.5 and metrics["sasrec_epochs"] <= 6
+    assert main([*base, "--split", "valid", "--param", "hiden=3"]) == 2
+    assert "unknown SASRec parameter(s) ['hiden']" in capsys.readouterr().err
+    assert main(["baseline", "popularity", "--config", str(config), "--split", "valid", "--param", "x=1"]) == 2
+    assert "--param and --tune are SASRec options" in capsys.readouterr().err
+    assert main(["baseline", "popularity", "--config", str(config), "--split", "valid",
+                 "--set", "evaluation.protocol=sequential"]) == 0  # the config's protocol is honoured
+    assert set(json.loads(capsys.readouterr().out)) == {"hr@10", "hr@20", "ndcg@10", "ndcg@20"}
