@@ -20,7 +20,7 @@ from refit_gym.baselines import (
     fit_baseline,
     tune_sasrec,
 )
-from refit_gym.baselines.sasrec import full_softmax_cross_entropy, training_windows
+from refit_gym.baselines.sasrec import full_softmax_cross_entropy, grid_settings, training_windows
 from refit_gym.cli import main
 from refit_gym.data.history import SequenceTable
 from refit_gym.data.interactions import InteractionData, UserSequences, pairs_to_csr
@@ -183,6 +183,9 @@ def test_tune_sasrec_selects_on_validation_only(cycle_data):
         tune_sasrec(cycle_data, {"dropout": [0.2, 1.5]}, **fixed)
     with pytest.raises(ConfigError, match="empty"):
         tune_sasrec(cycle_data, [])
+    assert grid_settings({"dropout": [0.2], "hidden": [8, 16]}) == [
+        {"dropout": 0.2, "hidden": 8, "embedding_dropout": 0.2}, {"dropout": 0.2, "hidden": 16, "embedding_dropout": 0.2}]
+    assert grid_settings({"dropout": [0.2]}, fixed=("embedding_dropout",)) == [{"dropout": 0.2}]
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -30,7 +30,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -433,10 +433,12 @@ class SASRecTuning:
                 "split": "valid", "runs": self.runs}
 
 
-def grid_settings(grid: Union[Mapping[str, Sequence], Sequence[Mapping[str, Any]]]) -> list[dict]:
+def grid_settings(grid: Union[Mapping[str, Sequence], Sequence[Mapping[str, Any]]],
+                  fixed: Iterable[str] = ()) -> list[dict]:
     """The settings of ``grid``: a mapping ``{name: values}`` (its product, in order) or a list of dicts.
 
-    ``dropout`` in a setting sets ``embedding_dropout`` too unless that is given."""
+    ``dropout`` in a setting sets ``embedding_dropout`` too, unless the setting or ``fixed`` (the
+    names of the hyper-parameters fixed for every setting) gives it."""
     if isinstance(grid, Mapping):
         names = list(grid)
         for name in names:
@@ -447,8 +449,9 @@ def grid_settings(grid: Union[Mapping[str, Sequence], Sequence[Mapping[str, Any]
         settings = [dict(setting) for setting in grid]
     if not settings:
         raise ConfigError("the SASRec grid is empty")
+    fixed = set(fixed)
     for setting in settings:
-        if "dropout" in setting:
+        if "dropout" in setting and "embedding_dropout" not in fixed:
             setting.setdefault("embedding_dropout", setting["dropout"])
     return settings
 
@@ -471,7 +474,7 @@ def tune_sasrec(
     """
     if split != "valid":
         raise ConfigError(f"tune_sasrec selects on the validation split only, got split={split!r}")
-    settings = grid_settings(grid)
+    settings = grid_settings(grid, fixed)
     overlap = sorted(set().union(*settings) & set(fixed))
     if overlap:
         raise ConfigError(f"{overlap} are both in the grid and fixed")
