@@ -72,6 +72,22 @@ def validate_experiment(config: Any, command: str) -> None:
         finetune_config(config.finetune)
 
 
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """``["hidden=128", ...]`` (``baseline --param``) -> ``{"hidden": 128}`` (values read as YAML)."""
+    from refit_gym.config import read_yaml
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param expects KEY=VALUE (e.g. hidden=128), got {item!r}")
+        try:
+            params[key.strip()] = read_yaml(value)
+        except ConfigError as error:
+            raise ConfigError(f"--param value {value!r} is {error}") from None
+    return params
+
+
 def _experiment(args) -> Any:
     from refit_gym.config import load_config
 
@@ -145,17 +161,21 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from refit_gym.baselines import build_baseline, tune_ease
+    from refit_gym.baselines import build_baseline, fit_baseline, tune_ease
     from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
     from refit_gym.config import resolve_device
-    from refit_gym.evaluation.evaluator import evaluate
+    from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 
     config = _experiment(args)
+    if args.name != "sasrec" and (args.params or args.tune):
+        raise ConfigError(f"--param and --tune are SASRec options; {args.name!r} takes none")
     data = _load_data(config.data.dataset, config.data.data_dir)
     device = resolve_device(config.device)
     extra: dict[str, Any] = {}
     recency = args.name == "ease-recency"
-    if args.name.startswith("ease") and (args.l2 is None or (recency and args.w_min is None)):
+    if args.name == "sasrec":
+        recommender, extra = _fit_sasrec(args, config, data, device)
+    elif args.name.startswith("ease") and (args.l2 is None or (recency and args.w_min is None)):
         l2_grid = None if args.l2 is None else (args.l2,)
         w_grid = None if not recency else (None if args.w_min is None else (args.w_min,))
         tuning = tune_ease(data, **({"l2_grid": l2_grid} if l2_grid else {}),
@@ -169,13 +189,39 @@ def cmd_baseline(args) -> int:
         kwargs = {"l2": args.l2, "device": device} if args.name.startswith("ease") else {}
         if recency:
             kwargs["w_min"] = args.w_min
-        recommender = build_baseline(args.name, **kwargs).fit(data.train)
+        recommender = fit_baseline(build_baseline(args.name, **kwargs), data)
     result = evaluate(recommender, data, splits=(args.split,), ks=config.evaluation.ks, device=device,
-                      batch_size=config.evaluation.batch_size, export_topk=args.k if args.export_topk else None)
+                      batch_size=config.evaluation.batch_size, export_topk=args.k if args.export_topk else None,
+                      protocol=protocol_from_config(config.evaluation, recommender))
     if args.export_topk:
         _write_topk(args.export_topk, result.top_items[args.split])
     _print_metrics({**result.metrics[args.split], **extra})
     return 0
+
+
+def _fit_sasrec(args, config: Any, data: Any, device: Any) -> tuple[Any, dict[str, Any]]:
+    """SASRec with the config's seed, device and evaluation protocol, ``--param`` overrides; ``--tune``:
+    the default grid chosen on validation."""
+    from refit_gym.baselines import DEFAULT_SASREC_GRID, SASRecRecommender, tune_sasrec
+    from refit_gym.baselines.sasrec import print_log
+
+    params = {"seed": config.seed, "device": str(device), "protocol": config.evaluation.protocol or "sequential",
+              "mask_history": config.evaluation.mask_history, "eval_batch_size": config.evaluation.batch_size,
+              **_parse_params(args.params)}
+    log = None if args.no_progress else print_log
+    if args.tune:
+        grid = {name: values for name, values in DEFAULT_SASREC_GRID.items() if name not in params}
+        tuning = tune_sasrec(data, grid, log=log, **params)
+        model = tuning.model
+        _log(f"sasrec: {tuning.best_params} chosen on validation {tuning.metric} ({tuning.best_score:.4f})")
+        extra = {f"sasrec_{name}": value for name, value in tuning.best_params.items()}
+    else:
+        model = SASRecRecommender(**params).fit(data, log=log)
+        extra = {}
+    config_metric = model.config.metric
+    _log(f"sasrec: best valid {config_metric} {model.best_score:.4f} at epoch {model.best_epoch} "
+         f"({len(model.log)} epochs, {model.epoch_seconds:.1f} s/epoch)")
+    return model, {**extra, "sasrec_best_epoch": model.best_epoch, "sasrec_epochs": len(model.log)}
 
 
 def cmd_finetune(args) -> int:
@@ -335,13 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/devices.md)")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = commands.add_parser("baseline", help="fit and evaluate a simple baseline (popularity, EASE, recency-weighted EASE)")
-    p.add_argument("name", choices=("popularity", "ease", "ease-recency"))
+    p = commands.add_parser("baseline", help="fit and evaluate a baseline (popularity, EASE, recency-weighted EASE, "
+                                             "SASRec)")
+    p.add_argument("name", choices=("popularity", "ease", "ease-recency", "sasrec"))
     common(p)
     p.add_argument("--split", choices=("valid", "test"), required=True)
     p.add_argument("--l2", type=float, help="EASE's l2; default: tuned on validation recall@20")
     p.add_argument("--w-min", type=float, dest="w_min",
                    help="ease-recency: weight of a user's oldest item (the newest gets 1); default: tuned on validation")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", dest="params",
+                   help="sasrec: a hyper-parameter (YAML value), e.g. max_epochs=50 or hidden=128; repeatable "
+                        "(docs/evaluation.md)")
+    p.add_argument("--tune", action="store_true",
+                   help="sasrec: choose hidden, dropout and max_len on validation ndcg@10 (8 fits)")
     p.add_argument("--export-topk", metavar="FILE.npy")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--seed", type=int)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import ClassVar, Iterable, Optional, Union
 
 import numpy as np
 import scipy.linalg
@@ -85,6 +85,8 @@ class EASERecommender:
     """
 
     name = "ease"
+    fit_on: ClassVar[str] = "train"
+    """What ``fit`` takes: the training matrix (:func:`refit_gym.baselines.fit_baseline`)."""
 
     def __init__(
         self,

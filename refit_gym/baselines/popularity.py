@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,6 +19,8 @@ class PopularityRecommender:
     """
 
     name = "popularity"
+    fit_on: ClassVar[str] = "train"
+    """What ``fit`` takes: the training matrix (:func:`refit_gym.baselines.fit_baseline`)."""
 
     def __init__(self) -> None:
         self.item_counts: Optional[torch.Tensor] = None  # float32 (n_items,)
