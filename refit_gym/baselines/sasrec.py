@@ -40,7 +40,7 @@ from refit_gym.data.history import HistoryBatch
 from refit_gym.data.interactions import InteractionData, UserSequences
 from refit_gym.errors import ConfigError, DataError, NotFittedError, TrainingError
 from refit_gym.evaluation.metrics import PROTOCOLS, is_positive_int, metric_names
-from refit_gym.models.sequence_encoder import CausalSequenceEncoder, next_item_windows
+from refit_gym.models.sequence_encoder import CausalSequenceEncoder, next_item_windows, trim_padding
 
 WINDOWS = ("recent", "random")
 
@@ -165,14 +165,6 @@ def training_windows(sequences: UserSequences, users: np.ndarray, length: int, p
     windows = np.full((len(users), length), pad, dtype=np.int64)
     windows[inside] = sequences.items[index[inside]]
     return windows
-
-
-def _trim(windows: torch.Tensor, pad: int) -> torch.Tensor:
-    """Drop the leading columns that are padding in every row (positions are right-aligned, so the
-    encodings are the same)."""
-    filled = (windows != pad).any(0)
-    first = int(filled.to(torch.int64).argmax()) if bool(filled.any()) else windows.shape[1] - 1
-    return windows[:, first:]
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
@@ -309,7 +301,7 @@ class SASRecRecommender:
         with self._threads(), torch.no_grad():
             was_training = encoder.training
             encoder.eval()
-            items = _trim(history.to_device(self.device).recent(self.config.max_len), encoder.n_items)
+            items = trim_padding(history.to_device(self.device).recent(self.config.max_len), encoder.n_items)
             scores = self.logits(encoder(items)[:, -1])
             encoder.train(was_training)
         return scores
