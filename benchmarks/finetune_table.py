@@ -1,15 +1,22 @@
-"""The ML-1M results table: honest baselines, base models over pretraining seeds, fine-tuned models over seeds.
+"""The results tables: honest baselines, base models over pretraining seeds, fine-tuned models over seeds.
 
-Every row uses the same split and protocol (``diffrec_ml-1m_clean``, full ranking, train items
-masked for valid, train + valid for test). Rows:
+Every row of a table uses the same split and protocol, the one of its base models' configs:
 
-* **baselines** (deterministic): popularity; EASE (l2 tuned on validation); **recency-weighted
-  EASE** (l2 and ``w_min`` tuned on validation) -- the baseline that uses time order, as the
-  fine-tuned models do (their ``recent`` hold-out and T-DiffRec's weights read the training
-  rows' order);
-* **base models**: for each ``--bases`` name (``configs/ml1m_<name>.yaml``: ``diffrec``,
-  ``tdiffrec``, ``cfdiff``) and each ``--pretrain-seeds`` seed, pretrained until it has
-  converged (selected on validation);
+* ``cf`` (``diffrec_ml-1m_clean``, full ranking, train items masked for valid, train + valid for
+  test; Recall / NDCG): baselines (deterministic) popularity; EASE (l2 tuned on validation);
+  **recency-weighted EASE** (l2 and ``w_min`` tuned on validation) -- the baseline that uses time
+  order, as the fine-tuned models do (their ``recent`` hold-out and T-DiffRec's weights read the
+  training rows' order); the reference baseline of the tests;
+* ``sequential`` (a DiffuRec leave-one-out pickle, full ranking, history not masked; HR /
+  NDCG): baselines popularity and **SASRec trained with cross-entropy over all items**
+  (hyper-parameters chosen on validation, then one model per ``--pretrain-seeds`` seed) -- the
+  reference baseline of the tests, a sequence model that reads the same histories;
+
+Rows:
+
+* **base models**: for each ``--bases`` name (``configs/<name>.yaml``, or ``configs/ml1m_<name>.yaml``:
+  ``diffrec``, ``tdiffrec``, ``cfdiff``, ``beauty_seq``, ``beauty_dreamrec``, ...) and each
+  ``--pretrain-seeds`` seed, pretrained until it has converged (selected on validation);
 * **fine-tuned models**: each ``--runs`` recipe (see :data:`RUNS`) from each pretrained
   checkpoint, for each ``--finetune-seeds`` seed (``--updates`` updates, or a recipe's own
   ``--run-updates``, capped by ``--budget`` seconds), selected on validation.
@@ -20,7 +27,8 @@ mean ± std is over its runs (pretraining seeds x fine-tuning seeds). Tests, eac
 table: a fine-tuned row against its pretrained base is a **paired t-test over pretraining
 seeds** (each seed's fine-tuned mean against the same seed's base); any row against a
 deterministic baseline (recency-weighted EASE) is a **one-sample t-test** of the seed values
-against the baseline's value; ``--compare A:B`` rows use **Welch's t-test** on seed values. The
+against the baseline's value, against a seeded one (SASRec) **Welch's t-test**; ``--compare
+A:B`` rows use **Welch's t-test** on seed values. The
 ``sees`` column says what each agent may see: (a) only the reward of its actions, (b) the
 reward plus its own probabilities, (c) the exact objective's gradient.
 
@@ -73,8 +81,12 @@ RUNS: dict[str, dict[str, Any]] = {
 """Fine-tuning recipes: overrides of the config's ``finetune`` section (``continued``: control
 (a), continued pretraining with the model's own loss from the checkpoint, at ``--continued-lr``)."""
 
-SHOWN = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
-TESTED = ("recall@20", "ndcg@20")
+METRICS = {  # protocol -> (shown, tested: the first two shown at K = 20, also the valid columns)
+    "cf": (("recall@10", "ndcg@10", "recall@20", "ndcg@20"), ("recall@20", "ndcg@20")),
+    "sequential": (("hr@10", "ndcg@10", "hr@20", "ndcg@20"), ("hr@20", "ndcg@20")),
+}
+REFERENCE = {"cf": "recency-weighted EASE", "sequential": "SASRec"}
+"""The reference baseline of each protocol's tests."""
 
 
 # ---------------------------------------------------------------------------------- units
@@ -84,11 +96,26 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def config_path(base: str) -> Path:
+    """``configs/<base>.yaml``, else ``configs/ml1m_<base>.yaml``."""
+    own = Path("configs") / f"{base}.yaml"
+    return own if own.is_file() else Path("configs") / f"ml1m_{base}.yaml"
+
+
 def _config(base: str, seed: int, sets: list[str]):
     from refit_gym.cli import parse_overrides
     from refit_gym.config import load_config
 
-    return load_config(Path("configs") / f"ml1m_{base}.yaml", {"device": "cpu", "seed": seed, **parse_overrides(sets)})
+    return load_config(config_path(base), {"device": "cpu", "seed": seed, **parse_overrides(sets)})
+
+
+def protocol_of(base: str) -> tuple[str, str]:
+    """``(protocol, dataset)`` of a base's config (the protocol its model is scored with)."""
+    from refit_gym.config import load_config
+    from refit_gym.models import model_class
+
+    config = load_config(config_path(base))
+    return config.evaluation.protocol or model_class(config.model.name).protocol, config.data.dataset
 
 
 def _summary(folder: Path, spec: dict) -> Optional[dict]:
@@ -139,6 +166,7 @@ def finetune_unit(spec: dict) -> dict:
         settings = config.pretrain
         settings.lr, settings.time_budget_s, settings.max_lr_decays = spec["continued_lr"], spec["budget"], 0
         settings.plateau_patience, settings.min_epochs, settings.max_epochs = 10**6, 0, spec["continued_epochs"]
+        settings.eval_every = spec.get("continued_eval_every") or settings.eval_every
         result = pretrain(config, data, output_dir=folder, progress=False, log=lambda _: None,
                           init_from=spec["pretrained"])
         valid, seconds, sees, steps = result.best_metrics["valid"], result.seconds, "c", {}
@@ -174,29 +202,59 @@ def test_unit(spec: dict) -> dict:
     return result.metrics["test"]
 
 
-def baselines(output: Path) -> dict[str, dict]:
-    """Popularity, EASE and recency-weighted EASE: tuned on validation, tested once (cached)."""
-    from refit_gym.baselines import PopularityRecommender, tune_ease
-    from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
-    from refit_gym.data import load_dataset
-    from refit_gym.evaluation.evaluator import evaluate
+def baselines(output: Path, protocol: str, dataset: str, seeds: list[int], sasrec_results: Optional[str]) -> dict:
+    """The protocol's baselines, tuned on validation, tested once (cached in ``baselines.json``).
 
+    ``cf``: popularity, EASE and recency-weighted EASE (deterministic), computed here.
+    ``sequential``: popularity and SASRec from the ``results.json`` of a finished
+    ``benchmarks/sasrec_baseline.py`` run on the same dataset and seeds (``--sasrec-results``; its
+    settings were chosen on validation, one model per seed, test computed once per model): the
+    entry's ``seeds`` hold every seed's metrics.
+    """
     path = output / "baselines.json"
     if path.is_file():
         return json.loads(path.read_text())
-    data = load_dataset("diffrec_ml-1m_clean")
-    ease, recency = tune_ease(data), tune_ease(data, w_min_grid=DEFAULT_W_MIN_GRID)
-    rows = {
-        "popularity": (PopularityRecommender().fit(data.train), {}),
-        "EASE": (ease.model, {"l2": ease.best_l2}),
-        "recency-weighted EASE": (recency.model, {"l2": recency.best_l2, "w_min": recency.best_w_min}),
-    }
-    out = {}
-    for name, (model, chosen) in rows.items():
-        metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20, 50, 100)).metrics
-        out[name] = {"chosen_on_valid": chosen, **metrics}
+    out: dict[str, dict] = {}
+    if protocol == "cf":
+        from refit_gym.baselines import PopularityRecommender, tune_ease
+        from refit_gym.baselines.ease import DEFAULT_W_MIN_GRID
+        from refit_gym.data import load_dataset
+        from refit_gym.evaluation.evaluator import evaluate
+
+        data = load_dataset(dataset)
+        ease, recency = tune_ease(data), tune_ease(data, w_min_grid=DEFAULT_W_MIN_GRID)
+        rows = {
+            "popularity": (PopularityRecommender().fit(data.train), {}),
+            "EASE": (ease.model, {"l2": ease.best_l2}),
+            "recency-weighted EASE": (recency.model, {"l2": recency.best_l2, "w_min": recency.best_w_min}),
+        }
+        for name, (model, chosen) in rows.items():
+            metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20, 50, 100)).metrics
+            out[name] = {"chosen_on_valid": chosen, **metrics}
+    else:
+        out = sequential_baselines(dataset, seeds, sasrec_results)
     path.write_text(json.dumps(out, indent=2))
     return out
+
+
+def sequential_baselines(dataset: str, seeds: list[int], sasrec_results: Optional[str]) -> dict[str, dict]:
+    """Popularity and SASRec read from a ``benchmarks/sasrec_baseline.py`` result (see :func:`baselines`)."""
+    command = (f"python benchmarks/sasrec_baseline.py --dataset {dataset} --seeds {' '.join(map(str, seeds))} "
+               "--output runs/sasrec_<dataset>")
+    if not sasrec_results:
+        raise SystemExit(f"a sequential table needs the SASRec baseline: run `{command}` and pass its results.json "
+                         "with --sasrec-results")
+    result = json.loads(Path(sasrec_results).read_text())
+    run_seeds = [run["seed"] for run in result.get("runs", [])]
+    if result.get("dataset") != dataset or sorted(run_seeds) != sorted(seeds) or "summary" not in result:
+        raise SystemExit(f"{sasrec_results} holds SASRec on {result.get('dataset')!r} with seeds {run_seeds} "
+                         f"(finished: {'summary' in result}); this table needs {dataset!r} with seeds {seeds}: "
+                         f"run `{command}`")
+    runs = [run["metrics"] for run in result["runs"]]
+    mean = {split: {k: statistics.mean(r[split][k] for r in runs) for k in runs[0][split]} for split in ("valid", "test")}
+    return {"popularity": {"chosen_on_valid": {}, **result["popularity"]},
+            "SASRec": {"chosen_on_valid": result["chosen"], **mean, "seeds": runs, "source": sasrec_results,
+                       "command": result["command"]}}
 
 
 def run_stage(function, specs: list[dict], workers: int, threads: int) -> list[dict]:
@@ -242,9 +300,9 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.mean(a) - statistics.mean(b), float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def training_diagnostics(folder: Path, window: int = 10) -> Optional[dict[str, float]]:
+def training_diagnostics(folder: Path, metric: str = "recall@20", window: int = 10) -> Optional[dict[str, float]]:
     """Means of the first and last ``window`` updates of reward and held-out mass, the lowest
-    validation Recall@20, and the median PPO clip fraction / approximate KL when logged."""
+    validation ``metric``, and the median PPO clip fraction / approximate KL when logged."""
     log = folder / "log.csv"
     if not log.is_file():
         return None
@@ -259,7 +317,7 @@ def training_diagnostics(folder: Path, window: int = 10) -> Optional[dict[str, f
 
     out = {f"{key}_{end}": mean(part, key) for key in ("reward/total", "held_out_mass")
            for end, part in (("first", updates[:window]), ("last", updates[-window:]))}
-    out["lowest_valid_recall@20"] = min(float(r["valid_recall@20"]) for r in rows if r.get("valid_recall@20"))
+    out["lowest_valid"] = min(float(r[f"valid_{metric}"]) for r in rows if r.get(f"valid_{metric}"))
     for key in ("clip_fraction", "approx_kl", "kl_approx"):
         values = [float(r[key]) for r in updates if r.get(key)]
         if values:
@@ -271,7 +329,8 @@ def training_diagnostics(folder: Path, window: int = 10) -> Optional[dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/table")
-    parser.add_argument("--bases", default="diffrec,tdiffrec", help="comma-separated: configs/ml1m_<name>.yaml")
+    parser.add_argument("--bases", default="diffrec,tdiffrec",
+                        help="comma-separated: configs/<name>.yaml or configs/ml1m_<name>.yaml (one dataset and protocol)")
     parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", default="refit,supervised", help=f"comma-separated, from {list(RUNS)}")
@@ -283,6 +342,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--continued-epochs", type=int, default=120, help="epoch budget of control (a)")
     parser.add_argument("--continued-lr", type=float, default=1e-4)
+    parser.add_argument("--continued-eval-every", type=int, default=None,
+                        help="validation interval (epochs) of control (a); default: the config's pretrain.eval_every")
     parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                         help="override a config field of every base (e.g. finetune.lr=3e-4)")
     parser.add_argument("--base-set", action="append", default=[], metavar="BASE:KEY=VALUE",
@@ -290,6 +351,8 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="RUN_A:RUN_B",
                         help="Welch's t of two recipes' seed values, per base")
     parser.add_argument("--workers", type=int, default=1, help="units run in parallel processes")
+    parser.add_argument("--sasrec-results", help="a sequential table's SASRec baseline: the results.json of "
+                        "benchmarks/sasrec_baseline.py on the same dataset and --pretrain-seeds")
     parser.add_argument("--compile-only", action="store_true", help="train nothing; tabulate what is finished")
     args = parser.parse_args()
     output = Path(args.output)
@@ -309,14 +372,22 @@ def main() -> None:
     base_sets = {b: list(args.sets) + [s.split(":", 1)[1] for s in args.base_set if s.split(":", 1)[0] == b]
                  for b in bases}
 
+    setups = {base: protocol_of(base) for base in bases}
+    if len(set(setups.values())) != 1:
+        raise SystemExit(f"one table holds one dataset and protocol; the bases have {setups}")
+    protocol, dataset = next(iter(setups.values()))
+    shown, tested = METRICS[protocol]
+    reference_name = REFERENCE[protocol]
+
     started = time.perf_counter()
-    reference = baselines(output)
+    reference = baselines(output, protocol, dataset, args.pretrain_seeds, args.sasrec_results)
     pretrain_specs = [{"base": b, "seed": s, "sets": base_sets[b], "folder": str(output / "pretrain" / f"{b}-p{s}")}
                       for b in bases for s in args.pretrain_seeds]
     finetune_specs = [{"base": b, "seed": f, "pretrain_seed": s, "run": r, "sets": base_sets[b],
                        "pretrained": str(output / "pretrain" / f"{b}-p{s}"), "updates": run_updates[r],
                        "budget": args.budget, "eval_every": args.eval_every, "continued_lr": args.continued_lr,
                        "continued_epochs": args.continued_epochs,
+                       **({"continued_eval_every": args.continued_eval_every} if args.continued_eval_every else {}),
                        "folder": str(output / "finetune" / f"{b}-p{s}-{r}-f{f}")}
                       for b in bases for s in args.pretrain_seeds for r in runs for f in args.finetune_seeds]
     if args.compile_only:
@@ -329,25 +400,31 @@ def main() -> None:
         summary["test"] = test
 
     # ---- rows
-    header = ("| model | sees | runs | updates (best) / seconds | valid R@20 | valid N@20 | " + " | ".join(f"test {m}" for m in SHOWN)
-              + " | vs its pretrained base: paired t over pretraining seeds, R@20 / N@20 "
-              "| vs recency-weighted EASE: one-sample t, R@20 / N@20 |")
+    pair = " / ".join(tested)
+    seeded_reference = "seeds" in reference[reference_name]
+    header = ("| model | sees | runs | updates (best) / seconds | " + " | ".join(f"valid {m}" for m in tested) + " | "
+              + " | ".join(f"test {m}" for m in shown)
+              + f" | vs its pretrained base: paired t over pretraining seeds, {pair} "
+              f"| vs {reference_name}: {'Welch' if seeded_reference else 'one-sample'} t, {pair} |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    recency = reference["recency-weighted EASE"]["test"]
+    reference_values = {m: ([run["test"][m] for run in reference[reference_name]["seeds"]] if seeded_reference
+                            else reference[reference_name]["test"][m]) for m in tested}
     for name, metrics in reference.items():
         chosen = ", ".join(f"{k} {v:g}" for k, v in metrics["chosen_on_valid"].items())
         label = f"{name} ({chosen}, on valid)" if chosen else name
-        cells = [f"{metrics['valid'][m]:.4f}" for m in ("recall@20", "ndcg@20")]
-        cells += [f"{metrics['test'][m]:.4f}" for m in SHOWN]
-        lines.append(f"| {label} | - | - | - | " + " | ".join(cells) + " | | |")
+        seeds = metrics.get("seeds")
+        runs = seeds if seeds else [metrics]
+        cells = [mean_std([r["valid"][m] for r in runs]) for m in tested]
+        cells += [mean_std([r["test"][m] for r in runs]) for m in shown]
+        lines.append(f"| {label} | - | {len(runs) if seeds else '-'} | - | " + " | ".join(cells) + " | | |")
     table: dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in sys.argv), "baselines": reference,
                              "rows": {}}
 
     def row(label: str, sees: str, summaries: list[dict], base_by_seed: Optional[dict] = None) -> None:
-        cells = [mean_std([s["valid"][m] for s in summaries]) for m in ("recall@20", "ndcg@20")]
-        cells += [mean_std([s["test"][m] for s in summaries]) for m in SHOWN]
-        against_base, against_recency = [], []
-        for metric in TESTED:
+        cells = [mean_std([s["valid"][m] for s in summaries]) for m in tested]
+        cells += [mean_std([s["test"][m] for s in summaries]) for m in shown]
+        against_base, against_reference = [], []
+        for metric in tested:
             values = [s["test"][metric] for s in summaries]
             if base_by_seed is not None:
                 by_seed: dict[int, list[float]] = {}
@@ -355,7 +432,8 @@ def main() -> None:
                     by_seed.setdefault(s["spec"]["pretrain_seed"], []).append(s["test"][metric])
                 against_base.append(signed(*reversed(paired_by_seed(by_seed, {k: v[metric] for k, v in
                                                                                base_by_seed.items()}))))
-            against_recency.append(signed(*reversed(one_sample(values, recency[metric]))))
+            versus = welch if seeded_reference else one_sample
+            against_reference.append(signed(*reversed(versus(values, reference_values[metric]))))
         if "updates" in summaries[0]:
             effort = (f"{statistics.mean(s['updates'] for s in summaries):.0f} "
                       f"({statistics.mean(s['best_update'] for s in summaries):.0f})")
@@ -363,12 +441,12 @@ def main() -> None:
             effort = "-"
         effort += f" / {statistics.mean(s['seconds'] for s in summaries):.0f}"
         lines.append(f"| {label} | {sees} | {len(summaries)} | {effort} | " + " | ".join(cells) + " | "
-                     + (" / ".join(against_base) if against_base else "") + " | " + " / ".join(against_recency) + " |")
+                     + (" / ".join(against_base) if against_base else "") + " | " + " / ".join(against_reference) + " |")
         table["rows"][label] = {"sees": sees, "runs": summaries}
 
     diagnostics = ["| recipe (first run) | reward, mean of first → last 10 updates | held-out mass, same | "
-                   "lowest valid R@20 | median clip fraction / approx KL | seconds |", "|---|---|---|---|---|---|"]
-    comparisons = ["| base | A | B | test R@20: A - B, Welch's t p | test N@20: A - B, Welch's t p |",
+                   f"lowest valid {tested[0]} | median clip fraction / approx KL | seconds |", "|---|---|---|---|---|---|"]
+    comparisons = [f"| base | A | B | test {tested[0]}: A - B, Welch's t p | test {tested[1]}: A - B, Welch's t p |",
                    "|---|---|---|---|---|"]
     for base in bases:
         base_runs = [s for s in pretrained if s["spec"]["base"] == base]
@@ -383,19 +461,19 @@ def main() -> None:
         for recipe, summaries in by_recipe.items():
             row(f"{base} + {recipe}", summaries[0]["sees"], summaries, base_by_seed)
             first = summaries[0]
-            training = training_diagnostics(Path(first["spec"]["folder"]))
+            training = training_diagnostics(Path(first["spec"]["folder"]), tested[0])
             if training:
                 kl = (f"{training['median_clip_fraction']:.2f} / {training['median_approx_kl']:.0e}"
                       if "median_clip_fraction" in training else "")
                 diagnostics.append(
                     f"| {base} + {recipe} | {training['reward/total_first']:.2f} → {training['reward/total_last']:.2f} | "
                     f"{training['held_out_mass_first']:.3f} → {training['held_out_mass_last']:.3f} | "
-                    f"{training['lowest_valid_recall@20']:.4f} | {kl} | {first['seconds']:.0f} |")
+                    f"{training['lowest_valid']:.4f} | {kl} | {first['seconds']:.0f} |")
         for pair in args.compare:
             a, _, b = pair.partition(":")
             if a in by_recipe and b in by_recipe:
                 cells = []
-                for metric in TESTED:
+                for metric in tested:
                     difference, p = welch([s["test"][metric] for s in by_recipe[a]],
                                           [s["test"][metric] for s in by_recipe[b]])
                     cells.append(f"{difference:+.4f}, p {p:.1e}")
