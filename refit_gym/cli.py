@@ -103,10 +103,16 @@ def _experiment(args) -> Any:
     return config
 
 
-def _write_topk(path: str, top_items: np.ndarray) -> None:
+def _write_topk(path: str, top_items: np.ndarray, data: Any) -> None:
+    """Row ``u`` = user ``u``'s top items, with item ids numbered as the dataset's files number them
+    (a DiffuRec pickle's ids are 1-based: the loader's ``item_id_shift`` is undone; ``-1`` pads)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, top_items.astype(np.int64), allow_pickle=False)
+    shift = int((data.extras or {}).get("item_id_shift", 0))
+    top_items = top_items.astype(np.int64)
+    if shift:
+        top_items = np.where(top_items >= 0, top_items - shift, top_items)
+    np.save(out, top_items, allow_pickle=False)
     _log(f"wrote the top-{top_items.shape[1]} items of {top_items.shape[0]} users to {out}")
 
 
@@ -155,7 +161,7 @@ def cmd_evaluate(args) -> int:
                       protocol=protocol_from_config(config.evaluation, model),
                       device=device, export_topk=args.k if args.export_topk else None, progress=not args.no_progress)
     if args.export_topk:
-        _write_topk(args.export_topk, result.top_items[args.split])
+        _write_topk(args.export_topk, result.top_items[args.split], data)
     _print_metrics(result.metrics[args.split])
     return 0
 
@@ -194,7 +200,7 @@ def cmd_baseline(args) -> int:
                       batch_size=config.evaluation.batch_size, export_topk=args.k if args.export_topk else None,
                       protocol=protocol_from_config(config.evaluation, recommender))
     if args.export_topk:
-        _write_topk(args.export_topk, result.top_items[args.split])
+        _write_topk(args.export_topk, result.top_items[args.split], data)
     _print_metrics({**result.metrics[args.split], **extra})
     return 0
 

@@ -251,8 +251,14 @@ def test_cli_baseline_sasrec(tmp_path, capsys):
     capsys.readouterr()
     base = ["baseline", "sasrec", "--config", str(config), "--no-progress", "--param", "hidden=16",
             "--param", "n_blocks=1", "--param", "max_len=8", "--param", "lr=0.01", "--param", "threads=1"]
-    assert main([*base, "--split", "test", "--param", "max_epochs=6", "--param", "eval_every=2"]) == 0
+    top = tmp_path / "top.npy"
+    assert main([*base, "--split", "test", "--param", "max_epochs=6", "--param", "eval_every=2",
+                 "--export-topk", str(top), "--k", "5"]) == 0
     metrics = json.loads(capsys.readouterr().out)
+    exported = np.load(top)  # row u = user u, item ids as the pickle numbers them (1..n_items)
+    assert exported.shape == (len(lists), 5) and exported.min() >= 1 and exported.max() <= n_items
+    hits = np.mean([content["test"][u][0] in exported[u] for u in range(len(lists))])
+    assert hits > 0.5  # the cycle is learned, and the exported ids are the pickle's own
     assert set(metrics) == {"hr@10", "hr@20", "ndcg@10", "ndcg@20", "sasrec_best_epoch", "sasrec_epochs"}
     assert metrics["hr@10"] > 0.5 and metrics["sasrec_epochs"] <= 6
     assert main([*base, "--split", "valid", "--param", "hiden=3"]) == 2
