@@ -1,0 +1,64 @@
+"""benchmarks/finetune_table.py: the parts a results table rests on, checked without training anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("finetune_table", REPO / "benchmarks" / "finetune_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sasrec_results(path: Path, seeds=(0, 1, 2), dataset="diffurec_amazon_beauty", finished=True) -> Path:
+    def metrics(seed):
+        value = 0.05 + 0.01 * seed
+        return {split: {"hr@10": 2 * value, "ndcg@10": value, "hr@20": 3 * value, "ndcg@20": 1.5 * value}
+                for split in ("valid", "test")}
+
+    result = {"dataset": dataset, "command": "python benchmarks/sasrec_baseline.py ...", "chosen": {"dropout": 0.2},
+              "popularity": {split: {"hr@10": 0.01, "ndcg@10": 0.005, "hr@20": 0.02, "ndcg@20": 0.007}
+                             for split in ("valid", "test")},
+              "runs": [{"seed": s, "metrics": metrics(s)} for s in seeds]}
+    if finished:
+        result["summary"] = {}
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_each_base_names_its_protocol_and_dataset(table, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert table.protocol_of("diffrec") == ("cf", "diffrec_ml-1m_clean")
+    assert table.protocol_of("beauty_seq") == ("sequential", "diffurec_amazon_beauty")
+    assert table.config_path("beauty_seq") == Path("configs/beauty_seq.yaml")
+    assert table.config_path("cfdiff") == Path("configs/ml1m_cfdiff.yaml")
+
+
+def test_the_sequential_reference_is_read_per_seed_from_a_finished_sasrec_run(table, tmp_path):
+    out = table.sequential_baselines("diffurec_amazon_beauty", [0, 1, 2], str(_sasrec_results(tmp_path / "r.json")))
+    sasrec = out["SASRec"]
+    assert [run["test"]["ndcg@10"] for run in sasrec["seeds"]] == pytest.approx([0.05, 0.06, 0.07])
+    assert sasrec["test"]["ndcg@10"] == pytest.approx(0.06) and sasrec["chosen_on_valid"] == {"dropout": 0.2}
+    assert out["popularity"]["test"]["hr@20"] == 0.02
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": (0, 1)}, "seeds"),
+    ({"dataset": "diffurec_ml-1m"}, "diffurec_ml-1m"),
+    ({"finished": False}, "finished: False"),
+])
+def test_a_sasrec_run_of_other_data_seeds_or_unfinished_is_refused(table, tmp_path, change, message):
+    path = _sasrec_results(tmp_path / "r.json", **change)
+    with pytest.raises(SystemExit, match=message):
+        table.sequential_baselines("diffurec_amazon_beauty", [0, 1, 2], str(path))
+    with pytest.raises(SystemExit, match="needs the SASRec baseline"):
+        table.sequential_baselines("diffurec_amazon_beauty", [0, 1, 2], None)
