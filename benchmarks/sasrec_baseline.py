@@ -40,6 +40,8 @@ from refit_gym.baselines import PopularityRecommender, SASRecRecommender, fit_ba
 from refit_gym.baselines.sasrec import grid_settings, print_log
 from refit_gym.data import load_dataset
 from refit_gym.evaluation import evaluate
+from refit_gym.cli import parse_key_values
+from refit_gym.errors import ConfigError
 
 KS = (5, 10, 20)
 METRICS = [f"{name}@{k}" for name in ("hr", "ndcg") for k in KS]
@@ -57,13 +59,11 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def parse_params(items: list[str]) -> dict:
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--param expects NAME=VALUE, got {item!r}")
-        params[name.strip()] = yaml.safe_load(value)
-    return params
+    """``--param NAME=VALUE`` items (values read as YAML)."""
+    try:
+        return parse_key_values(items, "--param", "hidden=128")
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

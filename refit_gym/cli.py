@@ -39,25 +39,26 @@ def _load_data(dataset: str, data_dir: Optional[str]):
     return data
 
 
-def _parse_value(text: str) -> Any:
-    """A ``--set`` value, read as YAML (``3e-5`` is a number, ``{loglik: 1.0}`` a mapping)."""
+def parse_key_values(items: Sequence[str], flag: str = "--set", example: str = "finetune.lr=3e-5") -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}``, values read as YAML (``3e-5`` is a number,
+    ``{loglik: 1.0}`` a mapping); ``flag`` and ``example`` name the option in errors."""
     from refit_gym.config import read_yaml
 
-    try:
-        return read_yaml(text)
-    except ConfigError as error:
-        raise ConfigError(f"--set value {text!r} is {error}") from None
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["finetune.lr=3e-5", ...]`` -> ``{"finetune.lr": 3e-5}`` (values read as YAML)."""
-    overrides = {}
+    values = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. finetune.lr=3e-5), got {item!r}")
-        overrides[key.strip()] = _parse_value(value)
-    return overrides
+            raise ConfigError(f"{flag} expects KEY=VALUE (e.g. {example}), got {item!r}")
+        try:
+            values[key.strip()] = read_yaml(value)
+        except ConfigError as error:
+            raise ConfigError(f"{flag} value {value!r} is {error}") from None
+    return values
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["finetune.lr=3e-5", ...]`` -> ``{"finetune.lr": 3e-5}`` (``--set``)."""
+    return parse_key_values(items, "--set", "finetune.lr=3e-5")
 
 
 def validate_experiment(config: Any, command: str) -> None:
@@ -73,19 +74,8 @@ def validate_experiment(config: Any, command: str) -> None:
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
-    """``["hidden=128", ...]`` (``baseline --param``) -> ``{"hidden": 128}`` (values read as YAML)."""
-    from refit_gym.config import read_yaml
-
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param expects KEY=VALUE (e.g. hidden=128), got {item!r}")
-        try:
-            params[key.strip()] = read_yaml(value)
-        except ConfigError as error:
-            raise ConfigError(f"--param value {value!r} is {error}") from None
-    return params
+    """``["hidden=128", ...]`` (``baseline --param``) -> ``{"hidden": 128}``."""
+    return parse_key_values(items, "--param", "hidden=128")
 
 
 def _experiment(args) -> Any:
