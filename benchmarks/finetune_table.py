@@ -379,8 +379,9 @@ def main() -> None:
     shown, tested = METRICS[protocol]
     reference_name = REFERENCE[protocol]
 
+    if protocol == "sequential" and not args.sasrec_results:
+        sequential_baselines(dataset, args.pretrain_seeds, None)  # refuses, with the command to run, before training
     started = time.perf_counter()
-    reference = baselines(output, protocol, dataset, args.pretrain_seeds, args.sasrec_results)
     pretrain_specs = [{"base": b, "seed": s, "sets": base_sets[b], "folder": str(output / "pretrain" / f"{b}-p{s}")}
                       for b in bases for s in args.pretrain_seeds]
     finetune_specs = [{"base": b, "seed": f, "pretrain_seed": s, "run": r, "sets": base_sets[b],
@@ -398,6 +399,8 @@ def main() -> None:
     tests = run_stage(test_unit, pretrain_specs + finetune_specs, args.workers, threads)
     for summary, test in zip(pretrained + finetuned, tests):
         summary["test"] = test
+    # read after training: a SASRec run may finish while the diffusion models train
+    reference = baselines(output, protocol, dataset, args.pretrain_seeds, args.sasrec_results)
 
     # ---- rows
     pair = " / ".join(tested)
