@@ -23,6 +23,9 @@ AGENTS: dict[str, str] = {
     "ppo": "agents.ppo:PPOAgent",
     "torchrl-ppo": "agents.torchrl_ppo:TorchRLPPOAgent",
     "sb3-ppo": "agents.sb3_ppo:SB3PPOAgent",
+    "slate-rloo": "agents.slate:SlateRLOOAgent",
+    "slate-grpo": "agents.slate:SlateGRPOAgent",
+    "slate-plrank": "agents.slate:SlatePLRankAgent",
 }
 
 

@@ -58,7 +58,7 @@ class Agent:
         self, policy: DenoisingPolicy, core: DenoisingMDP, reference: BaseModel, config: FinetuneConfig
     ) -> None:
         self.policy, self.core, self.reference, self.config = policy, core, reference.eval(), config
-        self.group_size = config.rollouts_per_user if self.collects_rollouts else 1
+        self.group_size = type(self).chains_per_user(config)
         self.likelihood = HeldOutLogLikelihood(temperature=config.likelihood_temperature, normalize=True)
         self.anchor_weights = [p.detach().clone() for p in policy.model.parameters()]
         self.optimizer = torch.optim.Adam(
@@ -67,8 +67,16 @@ class Agent:
         self.distributed = Distributed()
         self._data_parallel: Optional[nn.Module] = None
 
+    @classmethod
+    def chains_per_user(cls, config: FinetuneConfig) -> int:
+        """Env rows (denoising chains) per user in a batch: ``rollouts_per_user`` for an agent that
+        collects rollouts, else 1."""
+        return config.rollouts_per_user if cls.collects_rollouts else 1
+
     supports_data_parallel = True
     """Whether the agent runs under ``torchrun`` (its losses go through :meth:`compute`)."""
+    data_parallel_refusal = "its update is another library's loop"
+    """Why not, when it does not (the refusal's wording)."""
 
     def distribute(self, distributed: Distributed) -> None:
         """Train data-parallel: this process takes its shard of each batch of users and its
@@ -83,8 +91,8 @@ class Agent:
         ``term_gradients`` (its per-term backward bypasses DDP's gradient averaging).
         """
         if distributed.active and not self.supports_data_parallel:
-            raise ConfigError(f"the {self.name} agent does not run data-parallel (its update is another library's "
-                              "loop); use refit, supervised, reinforce or ppo under torchrun")
+            raise ConfigError(f"the {self.name} agent does not run data-parallel ({self.data_parallel_refusal}); use "
+                              "refit, supervised, reinforce or ppo under torchrun")
         if distributed.active and self.collects_rollouts and self.group_size == 1:
             raise ConfigError("finetune.rollouts_per_user = 1 normalises advantages over the whole batch, which a "
                               "data-parallel process does not hold: use at least 2 rollouts per user under torchrun")
@@ -244,12 +252,15 @@ class Agent:
         n = self.config.trained_steps or rollout.n_steps
         return list(range(max(0, rollout.n_steps - n), rollout.n_steps))
 
-    def step_log_probs(self, rollout: Rollout, steps: list[int]) -> torch.Tensor:
-        """``(len(steps), N)`` log-probs of the rollout's actions under the current policy (with grad)."""
+    def step_log_probs(self, rollout: Rollout, steps: list[int], rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(len(steps), N)`` log-probs of the rollout's actions under the current policy (with grad),
+        of the rows ``rows`` only when given."""
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        context = {k: pick(v) for k, v in rollout.context.items()}
         values = []
         for s in steps:
-            loc = self.policy.loc(rollout.states[s], rollout.remaining[s], **rollout.context)
-            values.append(self.policy.log_prob(rollout.actions[s], loc))
+            loc = self.policy.loc(pick(rollout.states[s]), pick(rollout.remaining[s]), **context)
+            values.append(self.policy.log_prob(pick(rollout.actions[s]), loc))
         return torch.stack(values)
 
     # ------------------------------------------------------------------ diagnostics

@@ -14,12 +14,14 @@ from typing import Any, Optional
 from refit_gym.config import check_field_type
 from refit_gym.errors import ConfigError
 from refit_gym.rewards.registry import normalize_reward_spec
+from refit_gym.slates import SLATE_REWARDS
 
 
 @dataclass
 class FinetuneConfig:
     agent: str = "refit"
-    """Algorithm: ``refit``, ``supervised``, ``reinforce``, ``ppo``, ``torchrl-ppo``, ``sb3-ppo``."""
+    """Algorithm: ``refit``, ``supervised``, ``reinforce``, ``ppo``, ``torchrl-ppo``, ``sb3-ppo``,
+    ``slate-rloo``, ``slate-grpo``, ``slate-plrank``."""
 
     # --- the denoising MDP the agent fine-tunes in ------------------------------------------
     action_mode: str = "x_prev"
@@ -57,6 +59,21 @@ class FinetuneConfig:
     categorical_reward: str = "importance"
     """``reinforce``: reward of a sampled item: ``importance`` (1[held out] / (p |H|), whose
     expected gradient is the exact log-likelihood's) or ``hit`` (1[held out])."""
+
+    # --- slate agents (slate-rloo, slate-grpo, slate-plrank; agents/slate.py) ----------------------
+    slate_size: int = 20
+    """K: items per slate, drawn without replacement from Plackett-Luce(softmax(scores / slate_temperature))."""
+    slate_temperature: float = 0.1
+    """tau of the slate policy (the likelihood term's default temperature)."""
+    slate_reward: str = "ndcg"
+    """Black-box reward of a slate: ``ndcg``, ``recall`` or ``hits`` of the hidden items, or
+    ``collaborative`` (the share of the user's collaborative target the slate covers)."""
+    slate_collaborative_k: int = 20
+    """Neighbours per user of the ``collaborative`` slate reward."""
+    slate_chain: str = "deterministic"
+    """``deterministic`` (one chain per user along the policy's mean; only the slates are sampled,
+    ``rollouts_per_user`` of them per user) or ``stochastic`` (``rollouts_per_user`` chains per user
+    whose last ``trained_steps`` Gaussian steps explore; their log-probs join the slate's)."""
 
     # --- policy and exploration ----------------------------------------------------------------
     log_std_init: float = -4.0
@@ -125,6 +142,8 @@ CHOICES = {
     "categorical_reward": ("importance", "hit"),
     "precision": ("fp32", "bf16"),
     "term_gradients": ("off", "log", "normalize"),
+    "slate_reward": SLATE_REWARDS,
+    "slate_chain": ("deterministic", "stochastic"),
 }
 
 
@@ -143,7 +162,7 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
         if getattr(config, name) not in choices:
             raise ConfigError(f"finetune.{name} must be one of {choices}, got {getattr(config, name)!r}")
     positive = ("lr", "likelihood_temperature", "users_per_batch", "rollouts_per_user", "inner_epochs",
-                "max_updates", "eval_every", "patience")
+                "max_updates", "eval_every", "patience", "slate_size", "slate_temperature", "slate_collaborative_k")
     for name in positive:
         if not getattr(config, name) > 0:
             raise ConfigError(f"finetune.{name} must be > 0, got {getattr(config, name)!r}")

@@ -91,7 +91,7 @@ def build_learner(settings: FinetuneConfig, base: BaseModel, data: InteractionDa
     depend on the number of processes.
     """
     interactions = TrainingInteractions.from_data(data)
-    group_size = settings.rollouts_per_user if agent_class(settings.agent).collects_rollouts else 1
+    group_size = agent_class(settings.agent).chains_per_user(settings)
     users = min(settings.users_per_batch, data.n_users)
     shard = distributed.even_shard(users, "finetune.users_per_batch")
     core = DenoisingMDP(

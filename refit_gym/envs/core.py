@@ -262,6 +262,7 @@ class DenoisingMDP:
             frozen = (copy.deepcopy(frozen) if frozen is model else frozen).to(self.device)
         self.model = frozen
         self.reward, self.shaping = reward, shaping
+        self.interactions = interactions  # what the rewards are bound to (training data only)
         self.n_users, self.n_items, self.state_dim = model.n_users, model.n_items, int(model.state_dim)
         self.width = padded_width(self.state_dim)
 
