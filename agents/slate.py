@@ -179,14 +179,16 @@ class SlateAgent(Agent):
             log_p = log_p + self.step_log_probs(rollout, self.trained_step_indices(rollout), rows).sum(0)
         return log_p
 
-    def slate_diagnostics(self, rewards: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The slates' mean reward, its mean spread within a user, and the entropy of the first pick."""
+    def slate_diagnostics(self, rewards: torch.Tensor, logits: torch.Tensor, episode: EpisodeBatch) -> dict[str, torch.Tensor]:
+        """The slates' mean reward, its mean spread within a user, the reward of the greedy slate
+        (the top K of the scores: what evaluation ranks) and the entropy of the first pick."""
         with torch.no_grad():
             log_p = torch.log_softmax(logits, dim=1)
             entropy = -torch.where(torch.isfinite(log_p), log_p.exp() * log_p, 0.0).sum(1)
             grouped = rewards.reshape(-1, self.slates_per_user)
+            greedy = self.rewards(torch.topk(logits, self.config.slate_size, dim=1).indices, episode)
             return {"slate_reward": rewards.mean(), "slate_reward_std_in_user": grouped.std(1).mean(),
-                    "slate_entropy_first_item": entropy.mean()}
+                    "slate_reward_greedy": greedy.mean(), "slate_entropy_first_item": entropy.mean()}
 
     def diagnostics(self, rollout: Rollout) -> dict[str, float]:
         out = super().diagnostics(rollout)
@@ -206,12 +208,13 @@ class SlateRLOOAgent(SlateAgent):
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         logits = self.slate_logits(rollout)
         slates = self.draw(logits, generator)
-        rewards = self.rewards(slates, self.slate_episode(rollout.episode))
+        episode = self.slate_episode(rollout.episode)
+        rewards = self.rewards(slates, episode)
         advantages = leave_one_out_advantages(rewards, self.slates_per_user)
         objective = -(advantages * self.trajectory_log_prob(rollout, logits, slates)).mean()
         anchor = self.anchor_loss(rollout) if self.config.anchor_weight > 0 else torch.zeros_like(objective)
         return {"loss": objective + self.config.anchor_weight * anchor, "loss_slate": objective, "loss_anchor": anchor,
-                **self.slate_diagnostics(rewards, logits)}
+                **self.slate_diagnostics(rewards, logits, episode)}
 
 
 class SlateGRPOAgent(SlateAgent):
@@ -224,7 +227,8 @@ class SlateGRPOAgent(SlateAgent):
         with torch.no_grad():
             logits = self.slate_logits(rollout)
             slates = self.draw(logits, generator)
-            rewards = self.rewards(slates, self.slate_episode(rollout.episode))
+            episode = self.slate_episode(rollout.episode)
+            rewards = self.rewards(slates, episode)
             advantages = group_advantages(rewards, self.slates_per_user, self.config.advantage_clip)
             old = self.trajectory_log_prob(rollout, logits, slates)
         chains = rollout.n_rows
@@ -238,7 +242,8 @@ class SlateGRPOAgent(SlateAgent):
                                      old[slate_rows])
                 history.append({**self.scalars(terms), "grad_norm": self.step(terms["loss"])})
         mean = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-        return self.distributed.mean({**mean, **self.diagnostics(rollout), **self.scalars(self.slate_diagnostics(rewards, logits))})
+        slate = self.scalars(self.slate_diagnostics(rewards, logits, episode))
+        return self.distributed.mean({**mean, **self.diagnostics(rollout), **slate})
 
     def minibatch_loss(self, rollout: Rollout, rows: torch.Tensor, slates: torch.Tensor, advantages: torch.Tensor,
                        old: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -278,4 +283,4 @@ class SlatePLRankAgent(SlateAgent):
         objective = -(gradient * torch.where(finite, logits, 0.0)).sum(1).mean()
         anchor = self.anchor_loss(rollout) if self.config.anchor_weight > 0 else torch.zeros_like(objective)
         return {"loss": objective + self.config.anchor_weight * anchor, "loss_slate": objective, "loss_anchor": anchor,
-                **self.slate_diagnostics(self.rewards(slates, episode), logits)}
+                **self.slate_diagnostics(self.rewards(slates, episode), logits, episode)}
