@@ -1,10 +1,12 @@
 """The agent interface: one update = collect (if needed) -> named loss terms -> one optimiser step.
 
 A new algorithm is one subclass that writes :meth:`Agent.loss` (and, when it needs several
-passes over a batch like PPO, :meth:`Agent.update`). What every ReFiT-style objective shares is
-here, once: the exact log-likelihood term of the held-out items, the anchor to the pretrained
-model, the per-step log-probs of a rollout under the current policy, gradient clipping and the
-diagnostics (gradient norm, KL to the pretrained policy, probability mass on the held-out items).
+passes over a batch like PPO, :meth:`Agent.update` and :meth:`Agent.estimate_loss`, the loss of
+its first step, whose gradient :meth:`Agent.gradient_estimate` returns). What every ReFiT-style
+objective shares is here, once: the exact log-likelihood term of the held-out items, the anchor
+to the pretrained model, the per-step log-probs of a rollout under the current policy, gradient
+clipping and the diagnostics (gradient norm, KL to the pretrained policy, probability mass on the
+held-out items).
 Losses are returned as a mapping of named terms plus diagnostics (TorchRL style); the trainer
 logs whatever comes back.
 """
@@ -77,6 +79,8 @@ class Agent:
     """Whether the agent runs under ``torchrun`` (its losses go through :meth:`compute`)."""
     data_parallel_refusal = "its update is another library's loop"
     """Why not, when it does not (the refusal's wording)."""
+    has_gradient_estimate = True
+    """Whether :meth:`gradient_estimate` exists (not where the update is another library's loop)."""
 
     def distribute(self, distributed: Distributed) -> None:
         """Train data-parallel: this process takes its shard of each batch of users and its
@@ -96,6 +100,11 @@ class Agent:
         if distributed.active and self.collects_rollouts and self.group_size == 1:
             raise ConfigError("finetune.rollouts_per_user = 1 normalises advantages over the whole batch, which a "
                               "data-parallel process does not hold: use at least 2 rollouts per user under torchrun")
+        if distributed.active and self.config.gradient_signal_every > 0:
+            raise ConfigError("finetune.gradient_signal_every measures one process's gradient estimate; it is not "
+                              "available under torchrun (set it to 0)")
+        if self.config.gradient_signal_every > 0:
+            self.check_gradient_estimate()
         if self.config.term_gradients != "off":
             overrides_update = type(self).update is not Agent.update
             if distributed.active or overrides_update or not any(w > 0 for w in self.term_weights().values()):
@@ -149,6 +158,43 @@ class Agent:
         """Named loss terms; ``"loss"`` is the total that is minimised (``generator`` for any draw)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the gradient estimate
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The policy's parameters the optimiser steps (the gradient estimate's coordinates)."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def gradient_estimate(self, users: np.ndarray, rng: np.random.Generator,
+                          generator: torch.Generator) -> torch.Tensor:
+        """The agent's gradient estimate on a fresh batch for ``users`` at the current weights: the
+        gradient of :meth:`estimate_loss` over :meth:`trainable_parameters`, flat and detached.
+
+        Nothing is stepped: the weights, the optimiser's state and the parameters' ``.grad`` are
+        left as they were (``torch.autograd.grad``). ``rng`` and ``generator`` are consumed as
+        :meth:`update` would consume them (the env's draws, then the agent's own).
+
+        Raises:
+            ConfigError: the agent has no estimate of its own (:meth:`check_gradient_estimate`).
+        """
+        self.check_gradient_estimate()
+        rollout = self.collect(users, rng, generator)
+        return flat_gradient(self.estimate_loss(rollout, generator), self.trainable_parameters())
+
+    def estimate_loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The loss whose gradient is the agent's estimate: :meth:`loss`'s ``"loss"``. An agent whose
+        :meth:`update` takes several steps per batch overrides it with the loss of its first step."""
+        return self.loss(rollout, generator)["loss"]
+
+    def check_gradient_estimate(self) -> None:
+        """Raise a ``ConfigError`` where :meth:`gradient_estimate` would not be this agent's estimate."""
+        if not self.has_gradient_estimate:
+            raise ConfigError(f"the {self.name} agent has no gradient estimate of its own: its update is another "
+                              "library's loop; use refit, supervised, reinforce or ppo")
+        if type(self).update is not Agent.update and type(self).estimate_loss is Agent.estimate_loss:
+            raise ConfigError(f"the {self.name} agent overrides update() but not estimate_loss(): its loss() is not "
+                              "what it steps on, so it has no gradient estimate")
+        if self.distributed.active:
+            raise ConfigError(f"{self.name}: a gradient estimate is one process's; it is not available under torchrun")
+
     def term_weights(self) -> dict[str, float]:
         """The weight of each named loss term in ``"loss"`` (what :meth:`step_terms` recombines);
         an agent whose loss is not such a weighted sum returns ``{}``."""
@@ -166,12 +212,10 @@ class Agent:
         weights = {name: w for name, w in self.term_weights().items() if w > 0 and terms[name].requires_grad}
         if not torch.isfinite(terms["loss"]):
             raise TrainingError(f"{self.name}: the loss became {float(terms['loss'])}; no step was taken")
-        parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        parameters = self.trainable_parameters()
         gradients = {}
         for name in weights:
-            grads = torch.autograd.grad(terms[name], parameters, retain_graph=True, allow_unused=True)
-            gradients[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(grads, parameters)])
+            gradients[name] = flat_gradient(terms[name], parameters, retain_graph=True)
         norms = {name: float(g.norm()) for name, g in gradients.items()}
         out = {f"grad_norm/{name.removeprefix('loss_')}": value for name, value in norms.items()}
         names = sorted(gradients)
@@ -296,6 +340,15 @@ class Agent:
         log_p = masked_log_softmax(self.policy.item_scores(x0), visible, tau)
         log_q = masked_log_softmax(self.reference.item_scores(x0_pretrained), visible, tau)
         return torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), 0.0).sum(1)
+
+
+def flat_gradient(loss: torch.Tensor, parameters: list[nn.Parameter], retain_graph: bool = False) -> torch.Tensor:
+    """``d loss / d parameters``, concatenated flat and detached (zeros for a parameter the loss
+    does not use, all zeros for a constant loss); ``.grad`` is not touched."""
+    if not loss.requires_grad:
+        return torch.cat([torch.zeros_like(p).reshape(-1) for p in parameters])
+    grads = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters)])
 
 
 class _LossModule(nn.Module):

@@ -102,6 +102,11 @@ class FinetuneConfig:
     """``off`` (one backward of the total loss), ``log`` (each term's gradient separately: their
     norms and pairwise cosines are logged, the update is unchanged) or ``normalize`` (each term's
     gradient is scaled to norm 1 before weighting, so the weights mean what they say)."""
+    gradient_signal_every: int = 0
+    """Every this many updates, measure the agent's gradient estimate on the update's users before
+    it steps (``agents.gradient_signal``): the cosine of two independent estimates, the cosine to
+    the exact held-out log-likelihood gradient and the norm, logged as ``gradient_signal/*``; the
+    training is unchanged (own seeded draws). 0 = off."""
     users_per_batch: int = 128
     """Users per update."""
     rollouts_per_user: int = 4
@@ -167,7 +172,7 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
         if not getattr(config, name) > 0:
             raise ConfigError(f"finetune.{name} must be > 0, got {getattr(config, name)!r}")
     for name in ("likelihood_weight", "pg_weight", "anchor_weight", "weight_decay", "max_grad_norm", "trained_steps",
-                 "exposed_steps", "categorical_samples"):
+                 "exposed_steps", "categorical_samples", "gradient_signal_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")
     if config.holdout_count is not None and config.holdout_count < 0:

@@ -239,6 +239,7 @@ class SB3PPOAgent(Agent):
     name = "sb3-ppo"
     sees = "a"
     supports_data_parallel = False
+    has_gradient_estimate = False
 
     def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig) -> None:
         classes = _classes()  # MissingExtraError naming the extra when stable-baselines3 is absent

@@ -222,15 +222,22 @@ class SlateGRPOAgent(SlateAgent):
 
     name = "slate-grpo"
 
-    def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
-        rollout = self.collect(users, rng, generator)
+    def targets(self, rollout: Rollout, generator: Optional[torch.Generator]) -> dict[str, torch.Tensor]:
+        """The batch's slates, their rewards, group-normalised advantages and log-probabilities at
+        sampling time (what the inner epochs' ratios are taken against), and the diagnostics."""
         with torch.no_grad():
             logits = self.slate_logits(rollout)
             slates = self.draw(logits, generator)
             episode = self.slate_episode(rollout.episode)
             rewards = self.rewards(slates, episode)
-            advantages = group_advantages(rewards, self.slates_per_user, self.config.advantage_clip)
-            old = self.trajectory_log_prob(rollout, logits, slates)
+            return {"slates": slates, "advantages": group_advantages(rewards, self.slates_per_user,
+                                                                      self.config.advantage_clip),
+                    "old": self.trajectory_log_prob(rollout, logits, slates),
+                    "diagnostics": self.slate_diagnostics(rewards, logits, episode)}
+
+    def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
+        rollout = self.collect(users, rng, generator)
+        batch = self.targets(rollout, generator)
         chains = rollout.n_rows
         per_chain = self.slates_per_user // self.group_size
         history: list[dict[str, float]] = []
@@ -238,12 +245,18 @@ class SlateGRPOAgent(SlateAgent):
             order = torch.randperm(chains, generator=generator, device=generator.device).to(rollout.states.device)
             for rows in order.chunk(min(MINIBATCHES, chains)):
                 slate_rows = (rows[:, None] * per_chain + torch.arange(per_chain, device=rows.device)).reshape(-1)
-                terms = self.compute(self.minibatch_loss, rollout, rows, slates[slate_rows], advantages[slate_rows],
-                                     old[slate_rows])
+                terms = self.compute(self.minibatch_loss, rollout, rows, batch["slates"][slate_rows],
+                                     batch["advantages"][slate_rows], batch["old"][slate_rows])
                 history.append({**self.scalars(terms), "grad_norm": self.step(terms["loss"])})
         mean = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-        slate = self.scalars(self.slate_diagnostics(rewards, logits, episode))
-        return self.distributed.mean({**mean, **self.diagnostics(rollout), **slate})
+        return self.distributed.mean({**mean, **self.diagnostics(rollout), **self.scalars(batch["diagnostics"])})
+
+    def estimate_loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The first inner step's loss over the whole batch (every ratio 1: the group-normalised
+        policy gradient)."""
+        batch = self.targets(rollout, generator)
+        rows = torch.arange(rollout.n_rows, device=rollout.states.device)
+        return self.minibatch_loss(rollout, rows, batch["slates"], batch["advantages"], batch["old"])["loss"]
 
     def minibatch_loss(self, rollout: Rollout, rows: torch.Tensor, slates: torch.Tensor, advantages: torch.Tensor,
                        old: torch.Tensor) -> dict[str, torch.Tensor]:

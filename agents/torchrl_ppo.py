@@ -112,6 +112,7 @@ class TorchRLPPOAgent(Agent):
     name = "torchrl-ppo"
     sees = "a"
     supports_data_parallel = False
+    has_gradient_estimate = False
 
     def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig) -> None:
         super().__init__(policy, core, reference, config)

@@ -10,7 +10,8 @@ unchanged); the trainer's own state (policy, optimiser, RNG states, counters) go
 ``output/trainer_state/`` at every evaluation, so ``resume=True`` continues an interrupted run
 to the same result as an uninterrupted one (same seed, CPU).
 
-Outputs: ``log.csv`` (one row per update; validation columns on evaluation rows), ``curves.png``
+Outputs: ``log.csv`` (one row per update; validation columns on evaluation rows; with
+``gradient_signal_every`` the ``gradient_signal/*`` columns every that many updates), ``curves.png``
 (reward, held-out mass, KL to the pretrained ranking, gradient norm, the validation metric),
 ``results.json`` (seed, versions, configs, the pretrained and best validation metrics, and the
 best checkpoint's test metrics when they were asked for).
@@ -32,6 +33,8 @@ import torch
 
 from agents import agent_class, build_agent
 from agents.config import FinetuneConfig, finetune_config
+from agents.gradient_signal import KEYS as SIGNAL_KEYS
+from agents.gradient_signal import gradient_signal
 from agents.policy import DenoisingPolicy
 from refit_gym.checkpoint import load_checkpoint, package_versions, save_checkpoint, write_json_atomic
 from refit_gym.config import ExperimentConfig, resolve_device
@@ -206,7 +209,8 @@ def finetune(
         users = sampler.next(rng)
         try:
             with autocast(settings.precision, device):
-                row = {"update": state["update"] + 1, **learner.update(users, rng, generator)}
+                signal = _gradient_signal(learner, users, settings, config.seed, state["update"] + 1)
+                row = {"update": state["update"] + 1, **learner.update(users, rng, generator), **signal}
         except TrainingError as error:
             raise _stopped(error, state, output) from None
         bad = sorted(k for k, v in row.items() if k.startswith("loss") and not math.isfinite(v))
@@ -257,7 +261,8 @@ def finetune(
             write_json_atomic(output / "metrics.json", _record(best_metrics, state["best_update"], config))
         plot_curves(logger.rows, "update", ["reward/total", "held_out_mass", "kl_to_pretrained", "grad_norm",
                                             "grad_norm/likelihood", "grad_norm/policy_gradient",
-                                            "grad_cosine/likelihood~policy_gradient", f"valid_{settings.select_metric}"],
+                                            "grad_cosine/likelihood~policy_gradient", "gradient_signal/pair_cosine",
+                                            "gradient_signal/exact_cosine", f"valid_{settings.select_metric}"],
                     output / "curves.png", title=f"fine-tuning ({settings.agent})")
         write_json_atomic(output / "results.json", {
             "agent": settings.agent, "sees": agent_class(settings.agent).information(settings), "seed": config.seed,
@@ -281,6 +286,16 @@ class _NoLog:
 
     def log(self, row: dict) -> None:
         pass
+
+
+def _gradient_signal(learner, users: np.ndarray, settings: FinetuneConfig, seed: int, update: int) -> dict[str, float]:
+    """``gradient_signal/*`` of update ``update`` on its users, before it steps (every
+    ``gradient_signal_every`` updates; else nothing). Its draws are seeded by ``(seed, update)``,
+    never the trainer's, so the training is the same with it on or off, and on resume."""
+    if not settings.gradient_signal_every or update % settings.gradient_signal_every:
+        return {}
+    measured = gradient_signal(learner, users, (seed, update))
+    return {f"gradient_signal/{key}": measured[key] for key in SIGNAL_KEYS}
 
 
 def _stopped(problem, state: dict, output: Path) -> TrainingError:

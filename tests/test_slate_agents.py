@@ -173,3 +173,13 @@ def test_a_slate_run_through_the_trainer_is_reproducible(tiny_data, tiny_pretrai
     assert_same_run(tmp_path / "a", tmp_path / "b")
     header = (tmp_path / "a" / "log.csv").read_text().splitlines()[0]
     assert "slate_reward" in header and "clip_fraction" in header
+
+
+@pytest.mark.parametrize("agent_name", SLATE_AGENTS)
+def test_the_slate_agents_have_a_gradient_estimate_with_sampling_noise(tiny_data, tiny_pretrained, agent_name):
+    from agents.gradient_signal import gradient_signal
+
+    agent, _ = build_tiny_learner(tiny_data, tiny_pretrained, agent_name, slate_size=5, rollouts_per_user=4)
+    signal = gradient_signal(agent, np.arange(32), seed=0)
+    assert -1.0 < signal["pair_cosine"] < 0.999 and signal["norm"] > 0
+    assert signal == {**gradient_signal(agent, np.arange(32), seed=0), "seconds": signal["seconds"]}
