@@ -26,10 +26,11 @@ Three estimators, one per agent:
   ratio over ``inner_epochs`` passes of minibatches of users. Sees (a).
 * ``slate-plrank``: a PL-Rank-style gradient (Oosterhuis, SIGIR 2021 / 2022) of the expected
   metric ``E[sum_k theta_k rho(y_k)]``: per sampled slate, the log-derivative of the sampled
-  prefix times the expected gain of each later position plus the exact derivative of each
-  position's expected gain, computed from the **relevance of every item** (which items are
-  hidden, or the collaborative target). An unbiased estimate of the exact gradient of the
-  expected metric that reads the reward's inputs, not only the reward: labelled (c).
+  prefix times the expected gain of each later position (less the mean of the user's other
+  slates: a leave-one-out baseline per position) plus the exact derivative of each position's
+  expected gain, computed from the **relevance of every item** (which items are hidden, or the
+  collaborative target). An unbiased estimate of the exact gradient of the expected metric that
+  reads the reward's inputs, not only the reward: labelled (c).
 """
 
 from __future__ import annotations
@@ -75,28 +76,42 @@ def position_weights(kind: str, episode: EpisodeBatch, k: int) -> torch.Tensor:
     return torch.where(ideal[:, None] > 0, discount / ideal.clamp(min=1e-12)[:, None], 0.0)
 
 
-@torch.no_grad()
-def plackett_luce_metric_gradient(logits: torch.Tensor, slates: torch.Tensor, relevance: torch.Tensor,
-                                  weights: torch.Tensor) -> torch.Tensor:
-    """``(N, n)``: one sample's unbiased estimate of ``d E[sum_k w_k rho(y_k)] / d logits``.
-
-    With ``pi_k`` the PL choice distribution at position ``k`` given the sampled prefix
-    ``y_<k`` and ``g_k = pi_k . rho`` its expected gain, the expected metric is
-    ``sum_k w_k E[g_k]``; its gradient is ``sum_k w_k E[(sum_{j<k} (e_{y_j} - pi_j)) g_k +
-    pi_k * (rho - g_k)]`` (score function of the prefix, exact derivative of the softmax).
-    ``logits`` are ``scores / tau`` with ``-inf`` at items that may not be drawn.
-    """
-    gradient = torch.zeros_like(logits)
-    prefix_score = torch.zeros_like(logits)
+def _choices(logits: torch.Tensor, slates: torch.Tensor):
+    """Yield ``(k, pi_k)`` for each position: PL's choice distribution given the sampled prefix."""
     remaining = logits.clone()
     rows = torch.arange(len(logits), device=logits.device)
     for k in range(slates.shape[1]):
-        choice = torch.softmax(remaining, dim=1)
-        gain = (choice * relevance).sum(1, keepdim=True)
-        gradient += weights[:, k:k + 1] * (prefix_score * gain + choice * (relevance - gain))
+        yield k, torch.softmax(remaining, dim=1)
+        remaining[rows, slates[:, k]] = float("-inf")
+
+
+@torch.no_grad()
+def plackett_luce_metric_gradient(logits: torch.Tensor, slates: torch.Tensor, relevance: torch.Tensor,
+                                  weights: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """``(N, n)``: each sample's unbiased estimate of ``d E[sum_k w_k rho(y_k)] / d logits``.
+
+    With ``pi_k`` the PL choice distribution at position ``k`` given the sampled prefix
+    ``y_<k`` and ``g_k = pi_k . rho`` its expected gain, the expected metric is
+    ``sum_k w_k E[g_k]``; its gradient is ``sum_k w_k E[(sum_{j<k} (e_{y_j} - pi_j)) (g_k - b_k) +
+    pi_k * (rho - g_k)]``: the score function of the sampled prefix times the expected gain at
+    ``k``, and the exact derivative of the softmax at ``k``. ``b_k`` is a baseline that does not
+    depend on the sample: with ``group_size = G > 1`` (rows grouped by user, ``G`` slates each from
+    the same logits) the mean ``g_k`` of the user's other ``G - 1`` slates, else 0. ``logits`` are
+    ``scores / tau`` with ``-inf`` at items that may not be drawn.
+    """
+    gains = torch.stack([(choice * relevance).sum(1) for _, choice in _choices(logits, slates)], dim=1)
+    baseline = torch.zeros_like(gains)
+    if group_size > 1:
+        grouped = gains.reshape(-1, group_size, gains.shape[1])
+        baseline = ((grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(gains.shape)
+    gradient = torch.zeros_like(logits)
+    prefix_score = torch.zeros_like(logits)
+    rows = torch.arange(len(logits), device=logits.device)
+    for k, choice in _choices(logits, slates):
+        gain = gains[:, k:k + 1]
+        gradient += weights[:, k:k + 1] * (prefix_score * (gain - baseline[:, k:k + 1]) + choice * (relevance - gain))
         prefix_score -= choice
         prefix_score[rows, slates[:, k]] += 1.0
-        remaining[rows, slates[:, k]] = float("-inf")
     return gradient
 
 
@@ -290,7 +305,7 @@ class SlatePLRankAgent(SlateAgent):
         episode = self.slate_episode(rollout.episode)
         relevance = self.relevance(episode)
         weights = position_weights(self.config.slate_reward, episode, self.config.slate_size)
-        gradient = plackett_luce_metric_gradient(logits.detach(), slates, relevance, weights)
+        gradient = plackett_luce_metric_gradient(logits.detach(), slates, relevance, weights, self.slates_per_user)
         finite = torch.isfinite(logits)
         # a surrogate whose gradient in the logits is the estimate (ascent), averaged over slates
         objective = -(gradient * torch.where(finite, logits, 0.0)).sum(1).mean()

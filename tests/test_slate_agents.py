@@ -53,9 +53,13 @@ def test_plrank_gradient_is_an_unbiased_estimate_of_the_exact_one(kind):
     masked = logits.expand(n, -1).masked_fill(batch.visible > 0, float("-inf"))
     slates = sample_slates(logits.expand(n, -1), batch.visible, 3, 1.0, torch.Generator().manual_seed(1))
     relevance = (batch.held_out & (batch.visible == 0)).double()
-    estimate = plackett_luce_metric_gradient(masked, slates, relevance, position_weights(kind, batch, 3).double())
-    torch.testing.assert_close(estimate.mean(0, keepdim=True), exact, atol=0.01, rtol=0.05)
-    assert float(estimate[:, 2].abs().max()) == 0.0  # an input item gets no gradient
+    weights = position_weights(kind, batch, 3).double()
+    for group_size in (1, 4):  # without and with the leave-one-out baseline
+        estimate = plackett_luce_metric_gradient(masked, slates, relevance, weights, group_size)
+        torch.testing.assert_close(estimate.mean(0, keepdim=True), exact, atol=0.01, rtol=0.05)
+        assert float(estimate[:, 2].abs().max()) == 0.0  # an input item gets no gradient
+    plain = plackett_luce_metric_gradient(masked, slates, relevance, weights, 1)
+    assert float(estimate.var(0).sum()) < float(plain.var(0).sum())  # the baseline lowers the variance
 
 
 def test_leave_one_out_policy_gradient_is_unbiased():
