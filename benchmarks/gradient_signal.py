@@ -1,7 +1,9 @@
 """Does each agent's gradient estimate carry signal? Pair cosine, cosine to the exact gradient, norm, cost.
 
 From one pretrained checkpoint, for each agent of ``--agents`` (its learner built as the trainer
-builds it, at the config's batch: ``finetune.users_per_batch`` users x ``rollouts_per_user``),
+builds it, at the config's batch: ``finetune.users_per_batch`` users x its chains per user,
+``rollouts_per_user`` or, for ``supervised`` and the slate agents on a deterministic chain (whose
+``rollouts_per_user`` slates share one chain), 1),
 on ``--repeats`` batches of users (different users each, the same batches for every agent),
 :func:`agents.gradient_signal.gradient_signal` measures at the pretrained weights:
 
@@ -140,7 +142,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         own = {k: v for k, v in overrides.items() if k != "agent"}
         rows.append({"label": label, "agent": settings.agent, "overrides": own,
                      "sees": agent_class(settings.agent).information(settings), "users": len(batches[0]),
-                     "rollouts_per_user": learner.group_size, "repeats": repeats, "summary": summary})
+                     "chains_per_user": learner.group_size, "repeats": repeats, "summary": summary})
         del learner
     return {"config": str(args.config), "pretrained": str(args.pretrained), "dataset": config.data.dataset,
             "device": args.device, "threads": torch.get_num_threads(), "seed": args.seed, "n_repeats": args.repeats,
@@ -156,13 +158,13 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"Gradient signal at the pretrained weights of {report['pretrained']} ({report['dataset']}), "
              f"mean ± std over {report['n_repeats']} batches of users; {report['device']}, "
              f"{report['threads']} thread(s). Command: `{report['command']}`", "",
-             "| agent | overrides | sees | users x rollouts | pair cosine | exact cosine | norm | exact norm "
+             "| agent | overrides | sees | users x chains per user | pair cosine | exact cosine | norm | exact norm "
              "| s / estimate |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         overrides = ", ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in row["overrides"].items()) or "-"
         s = row["summary"]
-        lines.append(f"| {row['label']} | {overrides} | {row['sees']} | {row['users']} x {row['rollouts_per_user']} | "
+        lines.append(f"| {row['label']} | {overrides} | {row['sees']} | {row['users']} x {row['chains_per_user']} | "
                      f"{cell(s, 'pair_cosine')} | {cell(s, 'exact_cosine')} | {cell(s, 'norm', 0)} | "
                      f"{cell(s, 'exact_norm', 0)} | {cell(s, 'seconds', 2)} |")
     return "\n".join(lines) + "\n"

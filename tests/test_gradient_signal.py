@@ -184,7 +184,7 @@ def test_the_benchmark_runs_end_to_end(tiny_pretrained, tmp_path, monkeypatch):
     assert rows["supervised"]["summary"]["pair_cosine"][0] == pytest.approx(1.0, abs=1e-6)
     assert rows["reinforce@categorical"]["overrides"]["categorical_samples"] == 8
     assert (rows["reinforce@categorical"]["sees"], rows["ppo"]["sees"], rows["refit@big"]["sees"]) == ("b", "a", "c")
-    assert rows["refit@big"]["users"] == 24 and rows["ppo"]["users"] == 16 and rows["ppo"]["rollouts_per_user"] == 2
+    assert rows["refit@big"]["users"] == 24 and rows["ppo"]["users"] == 16 and rows["ppo"]["chains_per_user"] == 2
     for row in rows.values():
         assert len(row["repeats"]) == 2 and all(r["seconds"] > 0 for r in row["repeats"])
         assert row["repeats"][0]["norm"] != row["repeats"][1]["norm"]  # different users in each repeat
