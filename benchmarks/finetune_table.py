@@ -77,6 +77,10 @@ RUNS: dict[str, dict[str, Any]] = {
                               "rollouts_per_user": 1},
     "torchrl_ppo": {"agent": "torchrl-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
     "sb3_ppo": {"agent": "sb3-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
+    # reward-only slates (docs/finetuning.md, "Slate agents"): tau and lr chosen on validation, seed 0
+    "slate_rloo": {"agent": "slate-rloo", "rollouts_per_user": 8, "slate_temperature": 0.02, "anchor": "none"},
+    "slate_plrank": {"agent": "slate-plrank", "rollouts_per_user": 8, "slate_temperature": 0.02, "anchor": "none",
+                     "lr": 3e-5},
 }
 """Fine-tuning recipes: overrides of the config's ``finetune`` section (``continued``: control
 (a), continued pretraining with the model's own loss from the checkpoint, at ``--continued-lr``)."""
