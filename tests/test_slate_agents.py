@@ -187,3 +187,18 @@ def test_the_slate_agents_have_a_gradient_estimate_with_sampling_noise(tiny_data
     signal = gradient_signal(agent, np.arange(32), seed=0)
     assert -1.0 < signal["pair_cosine"] < 0.999 and signal["norm"] > 0
     assert signal == {**gradient_signal(agent, np.arange(32), seed=0), "seconds": signal["seconds"]}
+
+
+@pytest.mark.parametrize("chain", ["deterministic", "stochastic"])
+def test_grpo_ratios_start_at_one_on_any_minibatch(tiny_data, tiny_pretrained, chain):
+    """Before any step, a minibatch's recomputed slate (and chain) log-probs equal those at sampling."""
+    agent, _ = build_tiny_learner(tiny_data, tiny_pretrained, "slate-grpo", slate_chain=chain, slate_size=4,
+                                  trained_steps=2)
+    rollout = agent.collect(np.arange(32), np.random.default_rng(0), torch.Generator().manual_seed(0))
+    batch = agent.targets(rollout, torch.Generator().manual_seed(1))
+    rows = torch.tensor([3, 0, 17])
+    per_chain = agent.slates_per_user // agent.group_size
+    slate_rows = (rows[:, None] * per_chain + torch.arange(per_chain)).reshape(-1)
+    terms = agent.minibatch_loss(rollout, rows, batch["slates"][slate_rows], batch["advantages"][slate_rows],
+                                 batch["old"][slate_rows])
+    assert float(terms["approx_kl"]) < 1e-10 and float(terms["clip_fraction"]) == 0.0
