@@ -182,9 +182,33 @@ class SlateAgent(Agent):
             return dense[torch.from_numpy(index.reshape(-1)).to(dense.device)]
         return scored_items(episode.held_out, episode.visible).float()
 
-    def rewards(self, slates: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
-        targets = self.relevance(episode) if self.collaborative is not None else None
-        return slate_reward(slates, episode, self.config.slate_reward, targets)
+    def rewards(self, slates: torch.Tensor, episode: EpisodeBatch,
+                relevance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(N,)`` slate rewards (``relevance``: :meth:`relevance` of ``episode``, if already built)."""
+        if self.collaborative is not None and relevance is None:
+            relevance = self.relevance(episode)
+        return slate_reward(slates, episode, self.config.slate_reward,
+                            relevance if self.collaborative is not None else None)
+
+    def sample(self, rollout: Rollout, generator: Optional[torch.Generator]):
+        """One batch of slates: ``(logits, slates, episode, relevance, rewards)`` -- the per-slate
+        logits (differentiable), the drawn slates, the per-slate episodes, their items' gains and
+        the slates' rewards."""
+        logits = self.slate_logits(rollout)
+        slates = self.draw(logits, generator)
+        episode = self.slate_episode(rollout.episode)
+        relevance = self.relevance(episode)
+        return logits, slates, episode, relevance, self.rewards(slates, episode, relevance)
+
+    def term_weights(self) -> dict[str, float]:
+        return {"loss_slate": 1.0, "loss_anchor": self.config.anchor_weight}
+
+    def terms(self, objective: torch.Tensor, rollout: Rollout, diagnostics: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """The named loss terms of a one-step slate agent: its slate objective plus the anchor."""
+        anchor = self.anchor_loss(rollout) if self.config.anchor_weight > 0 else torch.zeros_like(objective)
+        return {"loss": objective + self.config.anchor_weight * anchor, "loss_slate": objective, "loss_anchor": anchor,
+                **diagnostics}
 
     def trajectory_log_prob(self, rollout: Rollout, logits: torch.Tensor, slates: torch.Tensor,
                             rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -194,14 +218,15 @@ class SlateAgent(Agent):
             log_p = log_p + self.step_log_probs(rollout, self.trained_step_indices(rollout), rows).sum(0)
         return log_p
 
-    def slate_diagnostics(self, rewards: torch.Tensor, logits: torch.Tensor, episode: EpisodeBatch) -> dict[str, torch.Tensor]:
+    def slate_diagnostics(self, rewards: torch.Tensor, logits: torch.Tensor, episode: EpisodeBatch,
+                          relevance: torch.Tensor) -> dict[str, torch.Tensor]:
         """The slates' mean reward, its mean spread within a user, the reward of the greedy slate
         (the top K of the scores: what evaluation ranks) and the entropy of the first pick."""
         with torch.no_grad():
             log_p = torch.log_softmax(logits, dim=1)
             entropy = -torch.where(torch.isfinite(log_p), log_p.exp() * log_p, 0.0).sum(1)
             grouped = rewards.reshape(-1, self.slates_per_user)
-            greedy = self.rewards(torch.topk(logits, self.config.slate_size, dim=1).indices, episode)
+            greedy = self.rewards(torch.topk(logits, self.config.slate_size, dim=1).indices, episode, relevance)
             return {"slate_reward": rewards.mean(), "slate_reward_std_in_user": grouped.std(1).mean(),
                     "slate_reward_greedy": greedy.mean(), "slate_entropy_first_item": entropy.mean()}
 
@@ -217,19 +242,11 @@ class SlateRLOOAgent(SlateAgent):
 
     name = "slate-rloo"
 
-    def term_weights(self) -> dict[str, float]:
-        return {"loss_slate": 1.0, "loss_anchor": self.config.anchor_weight}
-
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        logits = self.slate_logits(rollout)
-        slates = self.draw(logits, generator)
-        episode = self.slate_episode(rollout.episode)
-        rewards = self.rewards(slates, episode)
+        logits, slates, episode, relevance, rewards = self.sample(rollout, generator)
         advantages = leave_one_out_advantages(rewards, self.slates_per_user)
         objective = -(advantages * self.trajectory_log_prob(rollout, logits, slates)).mean()
-        anchor = self.anchor_loss(rollout) if self.config.anchor_weight > 0 else torch.zeros_like(objective)
-        return {"loss": objective + self.config.anchor_weight * anchor, "loss_slate": objective, "loss_anchor": anchor,
-                **self.slate_diagnostics(rewards, logits, episode)}
+        return self.terms(objective, rollout, self.slate_diagnostics(rewards, logits, episode, relevance))
 
 
 class SlateGRPOAgent(SlateAgent):
@@ -241,14 +258,11 @@ class SlateGRPOAgent(SlateAgent):
         """The batch's slates, their rewards, group-normalised advantages and log-probabilities at
         sampling time (what the inner epochs' ratios are taken against), and the diagnostics."""
         with torch.no_grad():
-            logits = self.slate_logits(rollout)
-            slates = self.draw(logits, generator)
-            episode = self.slate_episode(rollout.episode)
-            rewards = self.rewards(slates, episode)
+            logits, slates, episode, relevance, rewards = self.sample(rollout, generator)
             return {"slates": slates, "advantages": group_advantages(rewards, self.slates_per_user,
                                                                       self.config.advantage_clip),
                     "old": self.trajectory_log_prob(rollout, logits, slates),
-                    "diagnostics": self.slate_diagnostics(rewards, logits, episode)}
+                    "diagnostics": self.slate_diagnostics(rewards, logits, episode, relevance)}
 
     def update(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> dict[str, float]:
         rollout = self.collect(users, rng, generator)
@@ -296,19 +310,10 @@ class SlatePLRankAgent(SlateAgent):
     sees = "c"
     supports_stochastic_chain = False
 
-    def term_weights(self) -> dict[str, float]:
-        return {"loss_slate": 1.0, "loss_anchor": self.config.anchor_weight}
-
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        logits = self.slate_logits(rollout)
-        slates = self.draw(logits, generator)
-        episode = self.slate_episode(rollout.episode)
-        relevance = self.relevance(episode)
+        logits, slates, episode, relevance, rewards = self.sample(rollout, generator)
         weights = position_weights(self.config.slate_reward, episode, self.config.slate_size)
         gradient = plackett_luce_metric_gradient(logits.detach(), slates, relevance, weights, self.slates_per_user)
-        finite = torch.isfinite(logits)
         # a surrogate whose gradient in the logits is the estimate (ascent), averaged over slates
-        objective = -(gradient * torch.where(finite, logits, 0.0)).sum(1).mean()
-        anchor = self.anchor_loss(rollout) if self.config.anchor_weight > 0 else torch.zeros_like(objective)
-        return {"loss": objective + self.config.anchor_weight * anchor, "loss_slate": objective, "loss_anchor": anchor,
-                **self.slate_diagnostics(self.rewards(slates, episode), logits, episode)}
+        objective = -(gradient * torch.where(torch.isfinite(logits), logits, 0.0)).sum(1).mean()
+        return self.terms(objective, rollout, self.slate_diagnostics(rewards, logits, episode, relevance))
