@@ -155,7 +155,7 @@ def finetune(
     run = RunFolder.claim(output, "finetune", {**config.to_dict(), "pretrained": str(pretrained)}, resume,
                           overwrite, distributed, inputs=(pretrained,))
     if run.finished:
-        return _finished_result(output, data, config, report_test, log)
+        return _finished_result(output, data, config, device, report_test, log)
     writes = distributed.main  # rank 0 writes checkpoints, logs and snapshots
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -337,11 +337,12 @@ def _restore(snapshot, learner, rng, generator, sampler: UserSampler):
     return saved, pretrained_metrics
 
 
-def _finished_result(output: Path, data: InteractionData, config: ExperimentConfig, report_test: bool,
+def _finished_result(output: Path, data: InteractionData, config: ExperimentConfig, device: torch.device,
+                     report_test: bool,
                      log) -> FinetuneResult:
     """The result of a run that had already finished (``resume``): nothing is trained again."""
     results = json.loads((output / "results.json").read_text())
-    model, _ = load_checkpoint(output, data)
+    model, _ = load_checkpoint(output, data, device=device)
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     if report_test and "test" not in metrics:
         protocol = protocol_from_config(config.evaluation, model)

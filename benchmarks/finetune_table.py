@@ -190,6 +190,7 @@ def finetune_unit(spec: dict) -> dict:
 def test_unit(spec: dict) -> dict:
     """Test metrics of one selected checkpoint, computed once (cached in ``test.json``)."""
     from refit_gym.checkpoint import load_checkpoint
+    from refit_gym.config import resolve_device
     from refit_gym.data import load_dataset
     from refit_gym.evaluation.evaluator import evaluate, protocol_from_config
 
@@ -199,7 +200,7 @@ def test_unit(spec: dict) -> dict:
         return json.loads(path.read_text())
     config = _config(spec["base"], 0, spec["sets"])
     data = load_dataset(config.data.dataset)
-    model, saved = load_checkpoint(folder, data)
+    model, saved = load_checkpoint(folder, data, device=resolve_device(config.device))  # the table's device
     result = evaluate(model, data, splits=("test",), ks=saved.evaluation.ks, batch_size=saved.evaluation.batch_size,
                       protocol=protocol_from_config(saved.evaluation, model))
     path.write_text(json.dumps(result.metrics["test"], indent=2))

@@ -207,3 +207,50 @@ def test_a_nan_pretraining_loss_stops_with_a_message(tmp_path, tiny_data, monkey
     monkeypatch.setattr(DiffRec, "training_loss", lambda self, *a, **k: torch.tensor(float("inf")))
     with pytest.raises(TrainingError, match="loss became inf in epoch 1 .*Lower pretrain.lr"):
         pretrain(config_from_dict(TINY_EXPERIMENT), tiny_data, output_dir=tmp_path, progress=False, log=lambda _: None)
+
+
+def test_test_metrics_of_finished_runs_are_computed_on_the_runs_device(tmp_path, tiny_data, tiny_pretrained,
+                                                                         monkeypatch):
+    """A finished pretraining or fine-tuning run resumed with ``report_test``, and ``finetune_table``'s test of a
+    selected checkpoint, load the checkpoint on the run's device (a GPU table once scored its test on the CPU:
+    200 s of an idle GPU per table)."""
+    import importlib.util
+    import shutil
+
+    import agents.trainer as trainer
+    import refit_gym.checkpoint as checkpoint
+    from refit_gym.config import config_from_dict
+    from refit_gym.training.pretrain import pretrain
+
+    real, devices = checkpoint.load_checkpoint, []
+
+    def spy(directory, data, device="(not given)"):
+        devices.append(str(device))
+        return real(directory, data, device="cpu" if device == "(not given)" else device)
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pretrained, base)
+    config = config_from_dict(TINY_EXPERIMENT)
+    finetuned = tmp_path / "ft"
+    trainer.finetune(config_from_dict({**TINY_EXPERIMENT, "finetune": {**FINETUNE, "max_updates": 2}}), tiny_data,
+                     base, finetuned, progress=False, log=lambda _: None)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
+    monkeypatch.setattr(trainer, "load_checkpoint", spy)
+
+    result = pretrain(config, tiny_data, output_dir=base, resume=True, report_test=True, progress=False,
+                      log=lambda _: None)
+    assert devices == ["cpu"] and "test" in result.best_metrics
+    devices.clear()
+    result = trainer.finetune(config_from_dict({**TINY_EXPERIMENT, "finetune": {**FINETUNE, "max_updates": 2}}),
+                              tiny_data, base, finetuned, resume=True, report_test=True, progress=False,
+                              log=lambda _: None)
+    assert devices == ["cpu"] and "test" in result.best_metrics
+    devices.clear()
+    spec = importlib.util.spec_from_file_location("finetune_table", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "finetune_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    test = table.test_unit({"base": "synthetic", "sets": [f"data.dataset={DATASET}", "device=cpu"],
+                            "folder": str(base)})
+    assert devices == ["cpu"] and test == json.loads((base / "test.json").read_text())

@@ -112,7 +112,7 @@ def pretrain(
         run = RunFolder.claim(output, "pretrain", {**identity, "processes": distributed.world}, resume=resume,
                               overwrite=overwrite, distributed=distributed, inputs=(init_from,))
         if run.finished:
-            return _finished_result(output, data, report_test, log)
+            return _finished_result(output, data, device, report_test, log)
     writes = output is not None and distributed.main  # rank 0 writes checkpoints, logs and snapshots
     generator = seed_everything(config.seed)  # the data order: the same on every rank
     noise = generator  # timesteps and noise: one stream per rank when data-parallel
@@ -271,13 +271,15 @@ def pretrain(
                           history)
 
 
-def _finished_result(output: Path, data: InteractionData, report_test: bool, log) -> PretrainResult:
-    """The result of a run that had already finished (``resume``): nothing is trained again."""
+def _finished_result(output: Path, data: InteractionData, device: torch.device, report_test: bool,
+                     log) -> PretrainResult:
+    """The result of a run that had already finished (``resume``): nothing is trained again (test, when asked
+    for and not yet computed, is computed on ``device``)."""
     import json
 
     from refit_gym.checkpoint import load_checkpoint
 
-    model, config = load_checkpoint(output, data)
+    model, config = load_checkpoint(output, data, device=device)
     record = json.loads((output / METRICS_FILE).read_text())
     metrics = record["metrics"]
     if report_test and "test" not in metrics:
