@@ -14,6 +14,7 @@ pytest.importorskip("stable_baselines3")
 
 from stable_baselines3 import PPO  # noqa: E402
 from stable_baselines3.common.env_checker import check_env  # noqa: E402
+from stable_baselines3.common.logger import Logger  # noqa: E402
 
 SMALL = {"pretrained": False, "dataset": "synthetic:n_users=60,n_items=40,seed=0"}
 
@@ -35,6 +36,7 @@ def test_ppo_learns_a_few_hundred_steps_on_the_adapter():
     venv = refit_gym.make_sb3_vec_env("ReFiT-Synthetic-v0", num_envs=4, exposed_steps=5, **SMALL)
     model = PPO("MultiInputPolicy", venv, n_steps=20, batch_size=40, n_epochs=2, gamma=1.0, gae_lambda=1.0,
                 seed=0, device="cpu")
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger leaves a folder in /tmp per run
     model.learn(total_timesteps=240)
     assert model.num_timesteps == 240
 
