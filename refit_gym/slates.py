@@ -45,19 +45,35 @@ def _check_slate_size(k: int, logits: torch.Tensor) -> None:
 
 
 def sample_slates(scores: torch.Tensor, visible: torch.Tensor, k: int, temperature: float,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(B, k)`` int64 slates drawn from Plackett-Luce(``scores / temperature``) over non-input items.
 
     Gumbel top-K: ``argtop_k(scores / temperature + G)`` with ``G`` i.i.d. Gumbel(0, 1), in
     decreasing order of the perturbed logits. Not differentiable (the draw is discrete).
 
+    Args:
+        scores: ``(B, n_items)`` item scores.
+        visible: ``(B, n_items)`` input items (never drawn).
+        k: slate size.
+        temperature: ``tau``.
+        generator: the generator of the uniform draws (default: torch's global one).
+        uniform: ``(B, n_items)`` Uniform(0, 1) draws to use instead of drawing them (the
+            environment draws them from its keyed streams, so that a row's slate does not depend
+            on the batch around it); ``generator`` is then unused.
+
     Raises:
-        ConfigError: ``k`` is not positive or exceeds the items some row may recommend.
+        ConfigError: ``k`` is not positive or exceeds the items some row may recommend, or
+            ``uniform`` does not have the scores' shape.
     """
     with torch.no_grad():
         logits = masked_logits(scores.detach(), visible, temperature)
         _check_slate_size(k, logits)
-        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        if uniform is None:
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        elif tuple(uniform.shape) != tuple(logits.shape):
+            raise ConfigError(f"uniform must have the scores' shape {tuple(logits.shape)}, got {tuple(uniform.shape)}")
+        else:
+            uniform = uniform.to(device=logits.device, dtype=logits.dtype)
         gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(logits.dtype).tiny)))
         return torch.topk(logits + gumbel, k, dim=1, sorted=True).indices
 

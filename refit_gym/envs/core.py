@@ -11,9 +11,9 @@ item embedding of ``d``): ``state_dim`` wide.
 Randomness. Every draw comes from streams keyed by ``(episode seed, stream, step)``: a reset
 draws one 63-bit *episode seed* from the caller's ``numpy.random.Generator`` (the front's
 ``np_random``) and nothing else, and a step draws nothing from it. Users come from
-``numpy.random.default_rng(seed)``; holdout keys, initial noise, the noise of a stochastic prefix
-and the transition noise come from a torch generator on the env's device, re-seeded for every
-draw. Each draw is made for the *whole* batch, ``randn(B, ceil16(state_dim))[:, :state_dim]``, and a
+``numpy.random.default_rng(seed)``; holdout keys, initial noise, the noise of a stochastic prefix,
+the transition noise and the slates' uniforms come from a torch generator on the env's device,
+re-seeded for every draw. Each draw is made for the *whole* batch, ``randn(B, ceil16(state_dim))[:, :state_dim]``, and a
 row takes its own row: torch's CPU normal sampler fills blocks of 16 values, so with a width
 padded to a multiple of 16 row 0 of a batch of B is bit-identical to a batch of one. Hence, on
 CPU, row 0 of a batched env and a single env with the same seed follow the same trajectory for
@@ -39,14 +39,16 @@ from refit_gym.errors import ActionError, ConfigError, EpisodeStateError, Reward
 from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping
 from refit_gym.runtime import PRECISIONS, autocast
+from refit_gym.slates import sample_slates, slate_log_prob
 
 ACTION_MODES = ("x0", "x_prev")
 HOLDOUT_MODES = ("recent", "random", "none")
 DEFAULT_ACTION_BOUND = 10.0
 DEFAULT_HOLDOUT_FRACTION = 0.25
+DEFAULT_SLATE_TEMPERATURE = 0.02
 
 # stream ids of the keyed random draws
-_HOLDOUT, _INITIAL_NOISE, _PREFIX_NOISE, _TRANSITION_NOISE = range(1, 5)  # (stream 0: users, drawn by numpy)
+_HOLDOUT, _INITIAL_NOISE, _PREFIX_NOISE, _TRANSITION_NOISE, _SLATE = range(1, 6)  # (stream 0: users, by numpy)
 
 
 def padded_width(n: int) -> int:
@@ -132,6 +134,10 @@ class StepResult:
             (0 elsewhere): the *unweighted* terms of the terminal reward, plus ``"shaping"``
             when shaping is on (valid on every stepped row).
         stepped: ``(B,)`` bool numpy array (host): the rows this call moved.
+        slates: ``(B, K)`` int64, the slate drawn for each row that ended (``-1`` on the other
+            rows); ``None`` when the ``slate_size`` option is off.
+        slate_log_prob: ``(B,)`` float32, the exact Plackett-Luce log-probability of each ended
+            row's slate under its final scores (0 on the other rows); ``None`` when off.
     """
 
     observation: dict[str, torch.Tensor]
@@ -139,6 +145,8 @@ class StepResult:
     terminated: np.ndarray
     components: dict[str, torch.Tensor] = field(default_factory=dict)
     stepped: Optional[np.ndarray] = None
+    slates: Optional[torch.Tensor] = None
+    slate_log_prob: Optional[torch.Tensor] = None
 
 
 class DenoisingMDP:
@@ -150,6 +158,23 @@ class DenoisingMDP:
     optionally forward-noised (``noise_steps``), and the first ``T - exposed_steps`` reverse
     steps are run by the frozen base model; the agent then takes the last ``exposed_steps``
     steps. The reward is computed once, on the final state's item scores, when ``t`` reaches 0.
+
+    Slates (option ``slate_size=K``, off by default). At the terminal step the env also draws, for
+    every row that ends, a slate of ``K`` distinct items from Plackett-Luce(``softmax(s /
+    slate_temperature)``) over the items not in the row's input, ``s = model.item_scores(x_0)``
+    (Gumbel top-K, :func:`refit_gym.slates.sample_slates`); the reward sees it as
+    ``EpisodeBatch.slates`` (the ``slate`` term scores it), and the step reports it with its exact
+    log-probability (:func:`refit_gym.slates.slate_log_prob`) in ``StepResult.slates`` /
+    ``slate_log_prob``. The slate is an action of the *policy* that the env samples from the
+    policy's final scores, exactly as it samples the Gaussian transition noise in ``x0`` mode: the
+    full policy is the Gaussian steps followed by the slate, and its log-probability is the sum of
+    the steps' Gaussian log-densities and the slate's log-probability. An outside agent may (a)
+    treat the slate as env noise: a Gaussian-policy gradient then stays unbiased for ``E[reward |
+    x_0]``, the reward averaged over the slate; or (b) recompute ``slate_log_prob`` of the reported
+    slate under its own differentiable final scores (same input mask and temperature) and add the
+    slate's score-function term. The draws come from the episode's keyed streams (stream
+    ``_SLATE``, the step's count), made for the whole padded batch and sliced: the same seed gives
+    the same slates, and row ``i`` gets the same draw whatever the batch size or which rows step.
 
     Args:
         model: the base diffusion recommender (a :class:`~refit_gym.models.BaseModel`). The env
@@ -191,9 +216,14 @@ class DenoisingMDP:
             and sliced, so a row's randomness does not depend on how the batch is split.
         precision: ``fp32``, or ``bf16``: the base model's hidden prefix and the reward's item
             scores run under bfloat16 autocast (states, actions and rewards stay float32).
+        slate_size: ``K``, draw a slate of ``K`` items at the terminal step (above); ``None`` or 0
+            = off (the default). At most ``n_items``; a reset whose user leaves fewer than ``K``
+            non-input items raises.
+        slate_temperature: ``tau`` of the slate's Plackett-Luce distribution (> 0; default 0.02).
 
     Raises:
-        ConfigError: a parameter out of range (the message names it and the value).
+        ConfigError: a parameter out of range (the message names it and the value), or a
+            reward with a slate term (``uses_slates``) while ``slate_size`` is off.
     """
 
     def __init__(
@@ -216,6 +246,8 @@ class DenoisingMDP:
         device: torch.device | str = "cpu",
         row_window: Optional[tuple[int, int]] = None,
         precision: str = "fp32",
+        slate_size: Optional[int] = None,
+        slate_temperature: float = DEFAULT_SLATE_TEMPERATURE,
     ) -> None:
         if not isinstance(model, BaseModel):
             raise ConfigError(f"model must be a refit_gym.models.BaseModel, got {type(model).__name__}")
@@ -256,6 +288,13 @@ class DenoisingMDP:
             "transition_std", transition_std, 0.0, 3.0e38
         )
         self.precision = _check_choice("precision", precision, PRECISIONS)
+        self.slate_size: Optional[int] = None if slate_size is None else (
+            _check_int("slate_size", slate_size, 0, model.n_items) or None
+        )
+        self.slate_temperature = _check_number("slate_temperature", slate_temperature, 0.0, 3.0e38, low_open=True)
+        if getattr(reward, "uses_slates", False) and self.slate_size is None:
+            raise ConfigError("the reward has a slate term (e.g. `slate`), which needs the env option slate_size "
+                              "(the env draws a slate of slate_size items at the terminal step); pass slate_size=K")
 
         frozen = frozen_copy(model)
         if frozen.device != self.device:  # never move the caller's (possibly shared) model
@@ -349,6 +388,8 @@ class DenoisingMDP:
             "noise_steps": self.noise_steps,
             "action_bound": self.action_bound,
             "precision": self.precision,
+            "slate_size": self.slate_size,
+            "slate_temperature": self.slate_temperature,
             "batch_size": self.batch_size,
             "device": str(self.device),
             "reward": reward_config,
@@ -399,6 +440,8 @@ class DenoisingMDP:
             shown = history.hide(self._hidden_positions(history, rows))
             visible = shown.item_mask()
             held_out = history.item_mask() & ~visible
+            if self.slate_size is not None:
+                self._check_slate_room(visible, chosen_host)
             inputs = self.model.encode(shown)
             context = inputs.condition
             x = self._initial_state(inputs, rows)
@@ -420,6 +463,15 @@ class DenoisingMDP:
             self._users_host, self._t_host = users_host, t_host
         self._ready = True
         return self.observation()
+
+    def _check_slate_room(self, visible: torch.Tensor, users: np.ndarray) -> None:
+        """Raise when a row leaves fewer than ``slate_size`` items outside its input (nothing changed yet)."""
+        room = self.n_items - visible.sum(1)
+        short = room < self.slate_size
+        if bool(short.any()):
+            row = int(torch.nonzero(short)[0, 0])
+            raise ConfigError(f"slate_size {self.slate_size} exceeds the {int(room[row])} items user {int(users[row])} "
+                              "may recommend (items not in the input); lower slate_size")
 
     def _rows_from_mask(self, mask) -> Optional[np.ndarray]:
         if mask is None:
@@ -598,9 +650,11 @@ class DenoisingMDP:
             )
         action = self.validate_action(action, batch_shape)
         stepped = np.ones(self.batch_size, dtype=bool) if rows is None else active
+        slates, slate_lp = self.empty_slates()
         if rows is not None and len(rows) == 0:
             zero = torch.zeros(self.batch_size, device=self.device)
-            return StepResult(self.observation(), zero, np.zeros(self.batch_size, dtype=bool), {}, stepped)
+            return StepResult(self.observation(), zero, np.zeros(self.batch_size, dtype=bool), {}, stepped,
+                              slates, slate_lp)
 
         t_rows = self._t_host if rows is None else self._t_host[rows]
         x_rows = self._select(self.x_t, rows)
@@ -619,9 +673,12 @@ class DenoisingMDP:
                 x_terminal = x_next
             else:
                 x_terminal = x_next[torch.from_numpy(terminal_rows_local).to(self.device)]
-            terms, total = self._terminal_reward(x_terminal, None if all_rows else term_rows)
+            terms, total, drawn, drawn_lp = self._terminal_reward(x_terminal, None if all_rows else term_rows)
             index = torch.from_numpy(term_rows).to(self.device)
             reward = reward.index_put((index,), total.to(torch.float32))
+            if drawn is not None:
+                slates = slates.index_put((index,), drawn)
+                slate_lp = slate_lp.index_put((index,), drawn_lp.to(torch.float32))
             for name, value in terms.items():
                 components[name] = torch.zeros(self.batch_size, device=self.device).index_put(
                     (index,), value.detach().to(torch.float32)
@@ -648,7 +705,21 @@ class DenoisingMDP:
         self._step_count += 1
         terminated = np.zeros(self.batch_size, dtype=bool)
         terminated[terminal_rows_local if rows is None else rows[terminal_rows_local]] = True
-        return StepResult(self.observation(), reward, terminated, components, stepped)
+        return StepResult(self.observation(), reward, terminated, components, stepped, slates, slate_lp)
+
+    def empty_slates(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(B, K)`` -1 slates and ``(B,)`` zero log-probabilities (``None, None`` when slates are off)."""
+        if self.slate_size is None:
+            return None, None
+        return (torch.full((self.batch_size, self.slate_size), -1, dtype=torch.int64, device=self.device),
+                torch.zeros(self.batch_size, device=self.device))
+
+    def _slate_uniforms(self, rows: Optional[np.ndarray]) -> torch.Tensor:
+        """``(B, n_items)`` Uniform(0, 1) draws of this step's slates, drawn as ``(global B, ceil16(n_items))``
+        and sliced, so a row's draw does not depend on the batch around it or on which rows step."""
+        generator = self._seeded(_SLATE, self._step_count)
+        uniform = torch.rand(self.global_batch, padded_width(self.n_items), generator=generator, device=self.device)
+        return self._select(uniform[self.row_offset : self.row_offset + self.batch_size, : self.n_items], rows)
 
     def _transition(
         self, x: torch.Tensor, action: torch.Tensor, diffusion_t: np.ndarray, rows: Optional[np.ndarray]
@@ -678,12 +749,18 @@ class DenoisingMDP:
 
     def _terminal_reward(
         self, x0: torch.Tensor, rows: Optional[np.ndarray]
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-term values and the total reward of the rows that just ended."""
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Per-term values, the total reward, and (slates on) the slates and their log-probabilities
+        of the rows that just ended."""
         episode = self.episode(rows)
+        slate_lp = None
         with torch.no_grad():
             with autocast(self.precision, self.device):
                 scores = self.model.item_scores(x0).float()
+            if self.slate_size is not None:
+                episode.slates = sample_slates(scores, episode.visible, self.slate_size, self.slate_temperature,
+                                               uniform=self._slate_uniforms(rows))
+                slate_lp = slate_log_prob(scores, episode.visible, episode.slates, self.slate_temperature)
             if hasattr(self.reward, "components") and hasattr(self.reward, "total"):
                 terms = dict(self.reward.components(scores, episode))
                 total = self.reward.total(terms, episode.batch_size)
@@ -696,7 +773,7 @@ class DenoisingMDP:
             row = int(torch.nonzero(~torch.isfinite(values))[0, 0])
             raise RewardError(f"the reward term {name!r} is {float(values[row])} for user {int(episode.users[row])}; "
                               "the state was not changed (check the reward term: it must be finite)")
-        return terms, total.to(self.device)
+        return terms, total.to(self.device), episode.slates, slate_lp
 
     # ------------------------------------------------------------------ rendering
     def top_items(

@@ -61,6 +61,10 @@ class EnvConfig:
     """Actions and states are clipped to +- this."""
     precision: Optional[str] = None
     """``fp32`` or ``bf16`` (autocast of the hidden prefix and the reward's scoring)."""
+    slate_size: Optional[int] = None
+    """Draw a slate of this many items at the terminal step (None / 0: off; see ``DenoisingMDP``)."""
+    slate_temperature: Optional[float] = None
+    """Temperature of the slate's Plackett-Luce distribution (None: the core's 0.02)."""
     pretrain_threads: Optional[int] = None
     """Intra-op threads while this scenario's base model is pretrained on first use (1 is
     fastest for tiny models on a busy machine); None = torch's default."""
@@ -71,7 +75,8 @@ class EnvConfig:
 
 
 CHAIN_KWARGS = ("action_mode", "exposed_steps", "stochastic_prefix", "transition_std", "holdout",
-                "holdout_fraction", "holdout_count", "noise_steps", "action_bound", "precision")
+                "holdout_fraction", "holdout_count", "noise_steps", "action_bound", "precision", "slate_size",
+                "slate_temperature")
 """Keyword arguments of an env passed through to :class:`~refit_gym.envs.core.DenoisingMDP`."""
 
 

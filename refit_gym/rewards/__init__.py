@@ -8,6 +8,8 @@ Terms (each a :class:`RewardTerm`; registry names in :data:`REWARD_TERMS`):
 - ``next_collaborative`` :class:`NextItemCollaborativeReward`: what those users did next after the
   user's last visible item(s) (the sequential scenarios);
 - ``recall`` :class:`HeldOutRecall`, ``ndcg`` :class:`HeldOutNDCG`: the naive ranking rewards;
+- ``slate`` :class:`SlateReward`: hits / recall / NDCG of the slate the env draws at the end
+  (env option ``slate_size``);
 
 combined by :class:`WeightedReward` (built from a config by :func:`build_reward`), plus the
 potential-based :class:`HeldOutPotential` shaping (:func:`build_shaping`, off by default).
@@ -39,6 +41,7 @@ from refit_gym.rewards.registry import (
     reward_term_class,
 )
 from refit_gym.rewards.shaping import HeldOutPotential
+from refit_gym.rewards.slate import SlateReward
 from refit_gym.rewards.weighted import WeightedReward
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "RewardTerm",
     "SHAPINGS",
     "SIMILARITIES",
+    "SlateReward",
     "StepShaping",
     "TrainingInteractions",
     "UserNeighbours",

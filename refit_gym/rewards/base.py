@@ -14,6 +14,7 @@ hidden from it for the reward to score (``held_out``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -29,11 +30,15 @@ class EpisodeBatch:
         visible: ``(B, n_items)`` float, the training items given in the initial state's input.
         held_out: ``(B, n_items)`` bool, training items hidden from the input and scored by
             recovery rewards (all False when the env hides nothing).
+        slates: ``(B, K)`` int64, the slate of ``K`` distinct non-input items the env drew for
+            each row at the terminal step (env option ``slate_size``); ``None`` when the option
+            is off.
     """
 
     users: torch.Tensor
     visible: torch.Tensor
     held_out: torch.Tensor
+    slates: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -51,10 +56,13 @@ class RewardTerm:
             terms). The built-in agents use only the values of the env's reward terms (policy
             gradient); ``refit`` and ``supervised`` differentiate their own held-out
             log-likelihood term.
+        uses_slates: whether ``__call__`` reads ``episode.slates``; the env then refuses to
+            be built without its ``slate_size`` option.
     """
 
     name: str = "reward"
     differentiable: bool = False
+    uses_slates: bool = False
 
     def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "RewardTerm":
         """Precompute what the term needs from training data (e.g. neighbour lists); returns self."""

@@ -37,6 +37,7 @@ from refit_gym.rewards.likelihood import HeldOutLikelihood, HeldOutLogLikelihood
 from refit_gym.rewards.next_item import NextItemCollaborativeReward
 from refit_gym.rewards.ranking import HeldOutNDCG, HeldOutRecall
 from refit_gym.rewards.shaping import HeldOutPotential
+from refit_gym.rewards.slate import SlateReward
 from refit_gym.rewards.weighted import WeightedReward
 
 REWARD_TERMS: dict[str, type[RewardTerm]] = {
@@ -46,6 +47,7 @@ REWARD_TERMS: dict[str, type[RewardTerm]] = {
     "next_collaborative": NextItemCollaborativeReward,
     "recall": HeldOutRecall,
     "ndcg": HeldOutNDCG,
+    "slate": SlateReward,
 }
 """Registry names of the reward terms ``build_reward`` knows."""
 

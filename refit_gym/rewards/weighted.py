@@ -30,6 +30,7 @@ class WeightedReward(RewardTerm):
         terms: ``{name: term}`` in the given order.
         weights: ``{name: weight}``.
         differentiable: True when every term is (an empty sum is differentiable).
+        uses_slates: True when some term reads the env's slates (``episode.slates``).
 
     Raises:
         ConfigError: a weight that is not a finite number (or negative without
@@ -69,6 +70,10 @@ class WeightedReward(RewardTerm):
     @property
     def differentiable(self) -> bool:  # type: ignore[override]
         return all(term.differentiable for term in self.terms.values())
+
+    @property
+    def uses_slates(self) -> bool:  # type: ignore[override]
+        return any(getattr(term, "uses_slates", False) for term in self.terms.values())
 
     def __len__(self) -> int:
         return len(self.terms)
