@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import gymnasium as gym
+import numpy as np
 
 from refit_gym.envs.factory import build_env_parts
 from refit_gym.envs.rendering import render_rows
@@ -58,6 +59,13 @@ class DenoisingEnv(gym.Env):
     ``shaping`` on, a potential-based term is added on every step (``info["reward_terms"]["shaping"]``).
     Only training interactions ever enter a reward.
 
+    With ``slate_size=K`` the episode also ends with a *slate*: at ``t = 0`` the env draws ``K``
+    distinct items not in the input from Plackett-Luce(``softmax(item_scores(x_0) /
+    slate_temperature)``), seeded like the transition noise; ``info["slate"]`` (int64 ``(K,)``)
+    and ``info["slate_log_prob"]`` (its exact log-probability, a float) report it, and the
+    ``slate`` reward term scores it. The slate is the policy's last action, sampled by the env
+    from the policy's final scores (see ``DenoisingMDP``).
+
     ## Starting state
 
     The user is drawn uniformly (or given as ``options={"users": u}``). Their chronological
@@ -99,6 +107,8 @@ class DenoisingEnv(gym.Env):
     | ``reward`` | ``{"loglik": 1}`` | spec for :func:`refit_gym.rewards.build_reward` |
     | ``shaping`` | ``None`` | spec for :func:`refit_gym.rewards.build_shaping` |
     | ``precision`` | ``"fp32"`` | ``"bf16"``: the hidden prefix and the reward's scoring under bfloat16 autocast |
+    | ``slate_size`` | ``None`` | K: end each episode with a slate of K items (``None`` / 0: off) |
+    | ``slate_temperature`` | 0.02 | temperature of the slate's Plackett-Luce distribution |
     | ``device`` | ``"cpu"`` | where the tensors live (``"auto"``: CUDA when available) |
     | ``dataset`` | the scenario's | another dataset for the scenario's model, e.g. ``"synthetic:n_users=60,n_items=40,seed=0"`` |
     | ``data_dir`` / ``checkpoint`` | | data directory / base-model checkpoint directory |
@@ -159,6 +169,9 @@ class DenoisingEnv(gym.Env):
         if result.components:
             info["reward_terms"] = {name: float(value[0]) for name, value in result.components.items()
                                     if terminated or name == "shaping"}
+        if terminated and result.slates is not None:
+            info["slate"] = result.slates[0].cpu().numpy().astype(np.int64)
+            info["slate_log_prob"] = float(result.slate_log_prob[0])
         return observation_to_numpy(result.observation, row=0), float(result.reward[0]), terminated, False, info
 
     def render(self) -> Optional[str]:

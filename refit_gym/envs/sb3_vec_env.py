@@ -45,7 +45,8 @@ def _adapter_class() -> type:
 
         ``seed(s)`` seeds the next reset of the whole batch with ``s`` (SB3 computes ``s + i``
         per env; the batch uses the first). ``infos[i]["reward_terms"]`` holds the unweighted
-        reward terms on the step a row ends.
+        reward terms on the step a row ends, and, with ``slate_size`` on, ``infos[i]["slate"]``
+        (int64 ``(K,)``) and ``infos[i]["slate_log_prob"]`` (float) its slate.
         """
 
         def __init__(self, venv: DenoisingVectorEnv) -> None:
@@ -81,6 +82,9 @@ def _adapter_class() -> type:
                 infos[row]["terminal_observation"] = info["final_obs"][row]
                 infos[row]["TimeLimit.truncated"] = bool(truncated[row] and not terminated[row])
                 infos[row]["reward_terms"] = {name: float(terms[name][row]) for name in names if terms[f"_{name}"][row]}
+                if "slate" in info and info["_slate"][row]:
+                    infos[row]["slate"] = info["slate"][row].copy()
+                    infos[row]["slate_log_prob"] = float(info["slate_log_prob"][row])
             return observation, rewards, dones, infos
 
         def close(self) -> None:

@@ -29,6 +29,8 @@ class DenoisingTorchRLEnv(EnvBase):
     | ``user`` | ``Bounded(0, n_users - 1, (N, 1), int64)`` |
     | conditioning | ``Bounded(low, high, (N, *shape), dtype)`` per tensor of the base model's ``condition_spec()`` |
     | ``("reward_terms", name)`` | ``Unbounded((N,), float32)``: each unweighted reward term at the terminal step (0 before) |
+    | ``slate`` (``slate_size=K`` only) | ``Bounded(-1, n_items - 1, (N, K), int64)``: the slate drawn at the terminal step (-1 before) |
+    | ``slate_log_prob`` (``slate_size=K`` only) | ``Unbounded((N, 1), float32)``: its exact log-probability (0 before) |
     | ``reward`` | ``Unbounded((N, 1), float32)`` |
     | ``done`` / ``terminated`` / ``truncated`` | ``Categorical(2, (N, 1), bool)``; never truncated |
 
@@ -93,6 +95,10 @@ class DenoisingTorchRLEnv(EnvBase):
             "user": Bounded(0, self.core.n_users - 1, shape=(*shape, 1), dtype=torch.int64, device=self.device),
             "reward_terms": terms,
         }
+        if self.core.slate_size is not None:
+            entries["slate"] = Bounded(-1, self.core.n_items - 1, shape=(*shape, self.core.slate_size),
+                                       dtype=torch.int64, device=self.device)
+            entries["slate_log_prob"] = Unbounded(shape=(*shape, 1), dtype=torch.float32, device=self.device)
         for name, spec in sorted(self.core.context_spec.items()):
             entries[name] = Bounded(spec.low, spec.high, shape=(*shape, *spec.shape), dtype=spec.dtype,
                                     device=self.device)
@@ -102,7 +108,8 @@ class DenoisingTorchRLEnv(EnvBase):
         flag = lambda: Categorical(2, shape=(*shape, 1), dtype=torch.bool, device=self.device)  # noqa: E731
         self.done_spec = Composite(done=flag(), terminated=flag(), truncated=flag(), shape=batch, device=self.device)
 
-    def _output(self, observation: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _output(self, observation: dict[str, torch.Tensor], terms: dict[str, torch.Tensor],
+                slates: Optional[torch.Tensor] = None, slate_log_prob: Optional[torch.Tensor] = None) -> dict[str, Any]:
         done = torch.from_numpy(self.core.t == 0).to(self.device).unsqueeze(1)
         zeros = torch.zeros(self.num_envs, device=self.device)
         out = {name: value.clone() for name, value in observation.items()}
@@ -112,6 +119,10 @@ class DenoisingTorchRLEnv(EnvBase):
             device=self.device,
         )
         out["done"], out["terminated"], out["truncated"] = done, done.clone(), torch.zeros_like(done)
+        if self.core.slate_size is not None:
+            if slates is None:  # a reset: no slate yet
+                slates, slate_log_prob = self.core.empty_slates()
+            out["slate"], out["slate_log_prob"] = slates.clone(), slate_log_prob.unsqueeze(1).clone()
         return out
 
     def _reset(self, tensordict: Optional[TensorDictBase] = None, **kwargs: Any) -> TensorDictBase:
@@ -124,7 +135,7 @@ class DenoisingTorchRLEnv(EnvBase):
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         result = self.core.step(tensordict.get("action"))
-        out = self._output(result.observation, result.components)
+        out = self._output(result.observation, result.components, result.slates, result.slate_log_prob)
         out["reward"] = result.reward.unsqueeze(1)
         return TensorDict(out, batch_size=self.batch_size, device=self.device)
 

@@ -39,7 +39,9 @@ class DenoisingVectorEnv(VectorEnv):
     Observations are the single env's ``Dict`` batched (``x_t``: ``(N, state_dim)``, ``t`` and
     ``user``: ``(N, 1)``), returned as fresh numpy arrays; actions are ``(N, state_dim)`` floats.
     ``info`` is a dict of arrays with ``_key`` masks; at the terminal step
-    ``info["reward_terms"][name]`` holds each reward term (mask ``info["reward_terms"]["_" + name]``).
+    ``info["reward_terms"][name]`` holds each reward term (mask ``info["reward_terms"]["_" + name]``)
+    and, with ``slate_size=K``, ``info["slate"]`` ``(N, K)`` int64 and ``info["slate_log_prob"]``
+    ``(N,)`` float32 the rows' slates (masks ``"_slate"``, ``"_slate_log_prob"``: the rows that ended).
 
     Autoreset modes (``autoreset_mode=``):
 
@@ -160,6 +162,15 @@ class DenoisingVectorEnv(VectorEnv):
         return observation, rewards, terminated, truncated, info
 
     def _step_info(self, result) -> dict[str, Any]:
+        info = self._reward_info(result)
+        if result.slates is not None and result.terminated.any():
+            info["slate"] = result.slates.detach().cpu().numpy().astype(np.int64)
+            info["_slate"] = result.terminated.copy()
+            info["slate_log_prob"] = result.slate_log_prob.detach().cpu().numpy().astype(np.float32)
+            info["_slate_log_prob"] = result.terminated.copy()
+        return info
+
+    def _reward_info(self, result) -> dict[str, Any]:
         if not result.components:
             return {}
         terms: dict[str, np.ndarray] = {}
