@@ -37,6 +37,7 @@ from refit_gym.rewards import (
 )
 from refit_gym.rewards import neighbours as neighbours_module
 from refit_gym.rewards.functional import masked_log_softmax
+from refit_gym.slates import sample_slates
 
 N_USERS, N_ITEMS = 40, 30
 
@@ -94,7 +95,11 @@ def interactions(data) -> TrainingInteractions:
 
 @pytest.fixture(scope="module")
 def episode(data) -> EpisodeBatch:
-    return make_episode(data)
+    episode = make_episode(data)
+    # the slates an env with slate_size=3 would draw (what the `slate` term scores)
+    episode.slates = sample_slates(torch.zeros(episode.visible.shape), episode.visible, 3, 1.0,
+                                   torch.Generator().manual_seed(0))
+    return episode
 
 
 @pytest.fixture()
@@ -616,7 +621,8 @@ def test_differentiability_flags(interactions, episode, scores):
     terms["collaborative_diff"] = CollaborativeReward(k=5, differentiable=True).bind(interactions)
     terms["next_collaborative_diff"] = NextItemCollaborativeReward(k=5, differentiable=True).bind(interactions)
     expected = {"loglik": True, "likelihood": True, "collaborative": False, "next_collaborative": False,
-                "recall": False, "ndcg": False, "collaborative_diff": True, "next_collaborative_diff": True}
+                "recall": False, "ndcg": False, "slate": False, "collaborative_diff": True,
+                "next_collaborative_diff": True}
     for name, term in terms.items():
         assert term.differentiable is expected[name], name
         x = scores.clone().requires_grad_(True)
