@@ -30,7 +30,9 @@ from refit_gym.errors import ConfigError
 from refit_gym.rewards.base import EpisodeBatch
 from refit_gym.rewards.functional import masked_logits, scored_items
 
-SLATE_REWARDS = ("hits", "recall", "ndcg", "collaborative")
+HELD_OUT_SLATE_REWARDS = ("hits", "recall", "ndcg")
+"""The slate rewards that score the hidden items (all an episode needs; the env's ``slate`` term)."""
+SLATE_REWARDS = HELD_OUT_SLATE_REWARDS + ("collaborative",)
 """The black-box slate rewards :func:`slate_reward` computes."""
 
 

@@ -16,9 +16,6 @@ from refit_gym.errors import ConfigError
 from refit_gym.rewards._checks import check_batch, check_choice
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, TrainingInteractions
 
-SLATE_METRICS = ("hits", "recall", "ndcg")
-"""The metrics :class:`SlateReward` computes."""
-
 
 class SlateReward(RewardTerm):
     """A metric of the env's slate (``episode.slates``, ``(B, K)``) against the held-out items ``H``.
@@ -39,7 +36,9 @@ class SlateReward(RewardTerm):
     uses_slates = True
 
     def __init__(self, metric: str = "ndcg") -> None:
-        self.metric = check_choice(metric, SLATE_METRICS, "slate reward metric")
+        from refit_gym.slates import HELD_OUT_SLATE_REWARDS  # (refit_gym.slates imports the rewards package)
+
+        self.metric = check_choice(metric, HELD_OUT_SLATE_REWARDS, "slate reward metric")
         self.n_items: int | None = None
 
     def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "SlateReward":
