@@ -130,8 +130,12 @@ def test_vector_and_sb3_fronts_report_slates_of_the_ended_rows():
 
 
 def test_torchrl_front_carries_the_slate_keys():
-    env = refit_gym.make_torchrl_env("ReFiT-Synthetic-v0", num_envs=3, slate_size=4, exposed_steps=2, **SMALL)
+    # rollout() acts with random actions from torch's global generator: seeded, and a temperature at which no
+    # slate is certain (random actions span [-10, 10], so at 0.02 a slate's log-prob can round to 0)
+    env = refit_gym.make_torchrl_env("ReFiT-Synthetic-v0", num_envs=3, slate_size=4, slate_temperature=1.0,
+                                     exposed_steps=2, **SMALL)
     env.set_seed(0)
+    torch.manual_seed(0)
     rollout = env.rollout(2, break_when_any_done=False)
     slates, log_prob = rollout["next", "slate"], rollout["next", "slate_log_prob"]
     assert slates.shape == (3, 2, 4) and slates.dtype == torch.int64 and log_prob.shape == (3, 2, 1)
