@@ -79,6 +79,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "sb3_ppo": {"agent": "sb3-ppo", "reward": PG_REWARD, "clip_range": 1e-3},
     # reward-only slates (docs/finetuning.md, "Slate agents"): tau and lr chosen on validation, seed 0
     "slate_rloo": {"agent": "slate-rloo", "rollouts_per_user": 8, "slate_temperature": 0.02, "anchor": "none"},
+    "slate_grpo": {"agent": "slate-grpo", "rollouts_per_user": 8, "slate_temperature": 0.02, "anchor": "none"},
     "slate_plrank": {"agent": "slate-plrank", "rollouts_per_user": 8, "slate_temperature": 0.02, "anchor": "none",
                      "lr": 3e-5},
 }
