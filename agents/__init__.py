@@ -37,9 +37,10 @@ def agent_class(name: str) -> type:
     return getattr(importlib.import_module(module), attribute)
 
 
-def build_agent(name: str, policy: Any, core: Any, reference: Any, config: Any):
-    """Build agent ``name`` over ``policy`` (trainable), ``core`` (the env) and the frozen ``reference``."""
-    return agent_class(name)(policy, core, reference, config)
+def build_agent(name: str, policy: Any, core: Any, reference: Any, config: Any, **options: Any):
+    """Build agent ``name`` over ``policy`` (trainable), ``core`` (the env) and the frozen ``reference``
+    (``options``: the agent's keyword arguments, e.g. ``pretraining_reweight``)."""
+    return agent_class(name)(policy, core, reference, config, **options)
 
 
 __all__ = ["AGENTS", "agent_class", "build_agent"]

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from agents.config import FinetuneConfig
 from agents.policy import DenoisingPolicy
+from agents.pretraining_mix import PretrainingMix
 from agents.rollout import Rollout, collect_rollouts
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.policies import denoiser_action
@@ -55,11 +56,23 @@ class Agent:
     """What the agent may see (:data:`SEES`); :meth:`information` refines it from the config."""
     collects_rollouts = True
     """Whether :meth:`update` collects stochastic rollouts (``supervised`` does not)."""
+    mixes_pretraining = False
+    """Whether :meth:`loss` adds :meth:`pretraining_loss` (``finetune.pretrain_loss_weight``)."""
 
     def __init__(
-        self, policy: DenoisingPolicy, core: DenoisingMDP, reference: BaseModel, config: FinetuneConfig
+        self, policy: DenoisingPolicy, core: DenoisingMDP, reference: BaseModel, config: FinetuneConfig,
+        pretraining_reweight: bool = True,
     ) -> None:
         self.policy, self.core, self.reference, self.config = policy, core, reference.eval(), config
+        self.pretraining: Optional[PretrainingMix] = None
+        """The pretraining mix (``finetune.pretrain_loss_weight`` > 0), else None; ``pretraining_reweight``
+        is its loss's reweighting (the experiment's ``diffusion.reweight``)."""
+        if config.pretrain_loss_weight > 0:
+            if not self.mixes_pretraining:
+                raise ConfigError(f"finetune.pretrain_loss_weight: the {self.name} agent does not mix the pretraining "
+                                  "loss into its update; use refit or supervised, or set it to 0")
+            self.pretraining = PretrainingMix(core.interactions, config.pretrain_batch_size or config.users_per_batch,
+                                              policy.model.diffusion.steps, pretraining_reweight, core.device)
         self.group_size = type(self).chains_per_user(config)
         self.likelihood = HeldOutLogLikelihood(temperature=config.likelihood_temperature, normalize=True)
         self.anchor_weights = [p.detach().clone() for p in policy.model.parameters()]
@@ -263,6 +276,13 @@ class Agent:
         log-likelihood of the observed held-out interactions (its gradient lifts every one of them)."""
         scores = self.policy.item_scores(self.final_x0(rollout))
         return -self.likelihood(scores, rollout.episode).mean()
+
+    def pretraining_loss(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The base model's own training loss on a fresh batch of training data (the pretraining mix,
+        :mod:`agents.pretraining_mix`); zero when the mix is off."""
+        if self.pretraining is None:
+            return torch.zeros((), device=self.core.device)
+        return self.pretraining.loss(self.policy.model, generator)
 
     def anchor_loss(self, rollout: Optional[Rollout] = None) -> torch.Tensor:
         """``l2``: squared distance of the weights to the pretrained ones; ``kl``: KL between the

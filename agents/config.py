@@ -52,6 +52,13 @@ class FinetuneConfig:
     """Anchor to the pretrained model: ``l2`` (weights), ``kl`` (policy means) or ``none``."""
     anchor_weight: float = 1.0e-3
     """Weight of the anchor term."""
+    pretrain_loss_weight: float = 0.0
+    """Weight of the base model's own pretraining loss on a fresh batch of its training data, added to
+    each update (``refit`` and ``supervised``; InstructGPT's "PPO-ptx" pretraining mix,
+    ``agents/pretraining_mix.py``); 0 = off (the default: the paper's abstract names no such term)."""
+    pretrain_batch_size: int = 0
+    """Training examples (the model's own ``training_batches`` unit: a user, or a user's window) in
+    that batch; 0 = ``users_per_batch``."""
 
     categorical_samples: int = 0
     """``reinforce``: items sampled per rollout from a categorical last step softmax(x0 / tau)
@@ -171,7 +178,8 @@ def finetune_config(values: Optional[dict[str, Any]] = None, **overrides: Any) -
     for name in positive:
         if not getattr(config, name) > 0:
             raise ConfigError(f"finetune.{name} must be > 0, got {getattr(config, name)!r}")
-    for name in ("likelihood_weight", "pg_weight", "anchor_weight", "weight_decay", "max_grad_norm", "trained_steps",
+    for name in ("likelihood_weight", "pg_weight", "anchor_weight", "pretrain_loss_weight", "pretrain_batch_size",
+                 "weight_decay", "max_grad_norm", "trained_steps",
                  "exposed_steps", "categorical_samples", "gradient_signal_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(config, name)!r}")

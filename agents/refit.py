@@ -5,6 +5,7 @@
     loss = likelihood_weight * (-log p_theta(held-out items))            exact gradient
          + pg_weight * (-E[A * sum_s log pi_theta(a_s | s_s)])           policy gradient
          + anchor_weight * anchor(theta, theta_pretrained)
+         + pretrain_loss_weight * pretraining loss (off by default)      exact gradient
 
 * The **likelihood term** is the exact log-likelihood of the user's held-out (most recent)
   training items under the categorical last step ``softmax(x0 / tau)``; it is differentiated
@@ -15,6 +16,9 @@
   baseline with normalised, clipped advantages.
 * The **anchor** keeps the policy near the converged pretrained model (L2 on the weights or KL
   between the Gaussian steps).
+* The **pretraining mix** (InstructGPT's "PPO-ptx"; ``agents/pretraining_mix.py``) adds the base
+  model's own training loss on a fresh batch of training data, so the policy keeps fitting all of
+  it while the held-out items and the rewards move it.
 
 Each term is a switch (its weight); see ``docs/finetuning.md`` for the measured effect of each.
 """
@@ -35,15 +39,16 @@ class RefitAgent(Agent):
 
     name = "refit"
     sees = "c"
+    mixes_pretraining = True
 
     @classmethod
     def information(cls, config) -> str:
-        return "c" if config.likelihood_weight > 0 else "a"
+        return "c" if config.likelihood_weight > 0 or config.pretrain_loss_weight > 0 else "a"
 
     def term_weights(self) -> dict[str, float]:
         config = self.config
         return {"loss_likelihood": config.likelihood_weight, "loss_policy_gradient": config.pg_weight,
-                "loss_anchor": config.anchor_weight}
+                "loss_anchor": config.anchor_weight, "loss_pretrain": config.pretrain_loss_weight}
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         config = self.config
@@ -56,5 +61,8 @@ class RefitAgent(Agent):
             log_probs = self.step_log_probs(rollout, steps)
             policy_gradient = -(advantages.detach() * log_probs).sum(0).mean()
         anchor = self.anchor_loss(rollout) if config.anchor_weight > 0 else zero
-        total = config.likelihood_weight * likelihood + config.pg_weight * policy_gradient + config.anchor_weight * anchor
-        return {"loss": total, "loss_likelihood": likelihood, "loss_policy_gradient": policy_gradient, "loss_anchor": anchor}
+        pretrain = self.pretraining_loss(generator)
+        total = (config.likelihood_weight * likelihood + config.pg_weight * policy_gradient
+                 + config.anchor_weight * anchor + config.pretrain_loss_weight * pretrain)
+        return {"loss": total, "loss_likelihood": likelihood, "loss_policy_gradient": policy_gradient,
+                "loss_anchor": anchor, "loss_pretrain": pretrain}

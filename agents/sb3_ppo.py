@@ -241,12 +241,13 @@ class SB3PPOAgent(Agent):
     supports_data_parallel = False
     has_gradient_estimate = False
 
-    def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig) -> None:
+    def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig,
+                 **options) -> None:
         classes = _classes()  # MissingExtraError naming the extra when stable-baselines3 is absent
         from stable_baselines3 import PPO
         from stable_baselines3.common.logger import Logger
 
-        super().__init__(policy, core, reference, config)
+        super().__init__(policy, core, reference, config, **options)
         if config.log_prob_reduction != policy.log_prob_reduction:
             raise ConfigError(
                 f"the policy's log_prob_reduction {policy.log_prob_reduction!r} differs from the config's "

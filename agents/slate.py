@@ -121,8 +121,8 @@ class SlateAgent(Agent):
     name = "slate"
     sees = "a"
 
-    def __init__(self, policy, core, reference, config) -> None:
-        super().__init__(policy, core, reference, config)
+    def __init__(self, policy, core, reference, config, **options) -> None:
+        super().__init__(policy, core, reference, config, **options)
         if config.rollouts_per_user < 2:
             raise ConfigError(f"{self.name} compares the slates of a user with each other: finetune.rollouts_per_user "
                               f"must be >= 2, got {config.rollouts_per_user}")

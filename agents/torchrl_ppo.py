@@ -114,8 +114,9 @@ class TorchRLPPOAgent(Agent):
     supports_data_parallel = False
     has_gradient_estimate = False
 
-    def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig) -> None:
-        super().__init__(policy, core, reference, config)
+    def __init__(self, policy: DenoisingPolicy, core: DenoisingMDP, reference: nn.Module, config: FinetuneConfig,
+                 **options) -> None:
+        super().__init__(policy, core, reference, config, **options)
         if config.log_prob_reduction != policy.log_prob_reduction:
             raise ConfigError(
                 f"the policy's log_prob_reduction {policy.log_prob_reduction!r} differs from the config's "

@@ -84,8 +84,10 @@ class UserSampler:
 
 
 def build_learner(settings: FinetuneConfig, base: BaseModel, data: InteractionData,
-                  device: torch.device | str = "cpu", distributed: Distributed = Distributed()):
-    """The agent ``settings.agent`` over a fresh env core and a trainable copy of ``base``.
+                  device: torch.device | str = "cpu", distributed: Distributed = Distributed(),
+                  pretraining_reweight: bool = True):
+    """The agent ``settings.agent`` over a fresh env core and a trainable copy of ``base``
+    (``pretraining_reweight``: the experiment's ``diffusion.reweight``, for the pretraining mix).
 
     The core's batch is ``users_per_batch * rollouts_per_user`` (one row per rollout; agents that
     do not collect rollouts get one row per user); the reward is bound to the training
@@ -107,7 +109,7 @@ def build_learner(settings: FinetuneConfig, base: BaseModel, data: InteractionDa
     )
     policy = DenoisingPolicy(base, settings.action_mode, settings.log_std_init, settings.std_mode,
                              settings.log_prob_reduction).to(device)
-    agent = build_agent(settings.agent, policy, core, base, settings)
+    agent = build_agent(settings.agent, policy, core, base, settings, pretraining_reweight=pretraining_reweight)
     agent.distribute(distributed)
     return agent
 
@@ -162,7 +164,7 @@ def finetune(
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
     base, _ = load_checkpoint(pretrained, data, device=device)
-    learner = build_learner(settings, base, data, device, distributed)
+    learner = build_learner(settings, base, data, device, distributed, pretraining_reweight=config.diffusion.reweight)
     policy, core = learner.policy, learner.core
     finetuned = policy.model  # the trainable copy of the base model, evaluated and checkpointed as is
     sampler = UserSampler(data.n_users, settings.users_per_batch)

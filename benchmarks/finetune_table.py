@@ -68,6 +68,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "supervised": {"agent": "supervised"},
     "supervised_holdout50": {"agent": "supervised", "holdout_fraction": 0.5},
     "continued": {"continued": True},
+    "refit_mix": {"pretrain_loss_weight": 1.0},  # refit + the model's own training loss (agents/pretraining_mix.py)
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
     "no_collab": {"pg_weight": 0.0},
     "random_holdout": {"holdout": "random"},

@@ -83,6 +83,25 @@ def test_two_processes_fine_tune_to_the_one_process_result(config, tiny_pretrain
     assert results["processes"] == 2 and json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "finished"
 
 
+def test_the_pretraining_mix_is_sharded_to_the_one_process_result(tmp_path):
+    """Every rank computes the term on the whole batch with one process's draws (dropout included),
+    so the average of the ranks' equal gradients is the one-process gradient."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TINY_EXPERIMENT, "data": {"dataset": DATASET},
+                                    "finetune": {**FINETUNE, "max_updates": 4, "pretrain_loss_weight": 1.0,
+                                                 "pretrain_batch_size": 50}}))
+    base = run(1, "pretrain", "--config", str(path), "--output", str(tmp_path / "base"), "--set", "pretrain.max_epochs=2",
+               "--set", "pretrain.min_epochs=1")
+    assert base.returncode == 0, base.stderr
+    common = ["finetune", "--config", str(path), "--pretrained", str(tmp_path / "base")]
+    one = run(1, *common, "--output", str(tmp_path / "one"))
+    two = run(2, *common, "--output", str(tmp_path / "two"))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < 1e-4
+    assert max_weight_difference(tmp_path / "one", tmp_path / "base") > 1e-3  # the runs did move the weights
+
+
 def test_a_killed_data_parallel_run_resumes_to_the_uninterrupted_result(config, tiny_pretrained, tmp_path):
     common = ["finetune", "--config", str(config), "--pretrained", str(tiny_pretrained)]
     full = run(2, *common, "--output", str(tmp_path / "full"))
