@@ -187,3 +187,28 @@ def test_bad_sequential_settings_are_refused_by_name(values, message):
 def test_dreamrec_bad_denoiser_is_refused():
     with pytest.raises(ConfigError, match="model.denoiser"):
         small("dreamrec", denoiser="unet")
+
+
+@pytest.mark.parametrize("target_gradient", [True, False])
+def test_dreamrec_target_gradient_decides_whether_the_mse_trains_the_target_rows(target_gradient):
+    """DreamRec's code trains the item embedding through the diffused target ``E[next]`` too;
+    ``target_gradient: false`` detaches it (the loss is the same number, only its gradient
+    differs): then a row that is only ever a target gets no gradient at all."""
+    losses = {}
+    for flag in (True, target_gradient):
+        torch.manual_seed(0)
+        model = small("dreamrec", target_gradient=flag, p_uncond=0.0).eval()
+        inputs = torch.tensor([[N_ITEMS, 1, 2, 3]])
+        targets = torch.tensor([[N_ITEMS, 2, 3, 9]])  # item 9 is a target and never an input
+        loss = model.next_item_loss(inputs, targets, torch.Generator().manual_seed(3))[0, 1:].mean()
+        loss.backward()
+        losses[flag] = loss.detach()
+    torch.testing.assert_close(losses[target_gradient], losses[True])
+    target_only = model.item_embedding.weight.grad[9]
+    assert bool((target_only != 0).any()) == target_gradient
+    assert bool((model.item_embedding.weight.grad[1] != 0).any())  # the history path trains the embedding always
+
+
+def test_dreamrec_target_gradient_must_be_a_bool():
+    with pytest.raises(ConfigError, match="target_gradient"):
+        small("dreamrec", target_gradient="no")

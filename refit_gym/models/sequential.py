@@ -195,10 +195,14 @@ class SequentialDiffusion(BaseModel):
         return torch.randint(0, self.diffusion.steps, shape, generator=generator).to(self.device)
 
     def noised_targets(
-        self, targets: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator]
+        self, targets: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator], detach: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0, x_t)`` of the targets' embeddings, ``(B, L, hidden)`` each (padding targets: zero)."""
+        """``(x0, x_t)`` of the targets' embeddings, ``(B, L, hidden)`` each (padding targets: the
+        padding row; their losses are ignored). ``detach``: no gradient flows from either back to
+        the item embedding (DreamRec's ``target_gradient: false``)."""
         x0 = self.item_embedding(targets)
+        if detach:
+            x0 = x0.detach()
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         flat = self.diffusion.q_sample(x0.reshape(-1, x0.shape[-1]), t.reshape(-1), noise=noise.reshape(-1, x0.shape[-1]))
         return x0, flat.view_as(x0)
