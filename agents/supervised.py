@@ -2,8 +2,8 @@
 
 Loss = ``likelihood_weight * (-log-likelihood of the held-out items)`` on the policy's clean
 estimate at the last step, from states reached by the deterministic path (no exploration, no
-rollouts), plus the anchor (and the pretraining mix when ``pretrain_loss_weight`` > 0). Every RL result is reported beside it: an RL term earns its place
-only if it beats this on validation.
+rollouts), plus the anchor (and the pretraining mix when ``pretrain_loss_weight`` > 0). Every RL
+result is reported beside it: an RL term earns its place only if it beats this on validation.
 """
 
 from __future__ import annotations

@@ -83,9 +83,10 @@ def test_two_processes_fine_tune_to_the_one_process_result(config, tiny_pretrain
     assert results["processes"] == 2 and json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "finished"
 
 
-def test_the_pretraining_mix_is_sharded_to_the_one_process_result(tmp_path):
+def test_the_pretraining_mix_under_torchrun_is_the_one_process_result(tmp_path):
     """Every rank computes the term on the whole batch with one process's draws (dropout included),
-    so the average of the ranks' equal gradients is the one-process gradient."""
+    so the average of the ranks' equal gradients is the one-process gradient. The base is trained
+    for two epochs only, so that fine-tuning improves on it and the compared checkpoints are not the start."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({**TINY_EXPERIMENT, "data": {"dataset": DATASET},
                                     "finetune": {**FINETUNE, "max_updates": 4, "pretrain_loss_weight": 1.0,
