@@ -70,6 +70,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "continued": {"continued": True},
     "refit_mix": {"pretrain_loss_weight": 1.0},  # refit + the model's own training loss (agents/pretraining_mix.py)
     "mix_no_collab": {"pretrain_loss_weight": 1.0, "pg_weight": 0.0},  # refit_mix without its policy-gradient term
+    "refit_mix_holdout5": {"pretrain_loss_weight": 1.0, "holdout_count": 5},  # refit_mix hiding each user's last 5 items
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
     "no_collab": {"pg_weight": 0.0},
     "random_holdout": {"holdout": "random"},

@@ -64,13 +64,13 @@ def test_a_sasrec_run_of_other_data_seeds_or_unfinished_is_refused(table, tmp_pa
         table.sequential_baselines("diffurec_amazon_beauty", [0, 1, 2], None)
 
 
-def test_every_recipe_is_a_valid_finetune_section_of_every_shipped_ml1m_config(table):
+def test_every_recipe_is_a_valid_finetune_section_of_every_shipped_base_config(table):
     """A misspelt or out-of-range recipe key fails here, not after an hour of pretraining."""
     from agents.config import finetune_config
     from refit_gym.config import load_config
 
-    for base in ("diffrec", "tdiffrec", "cfdiff"):
-        section = load_config(REPO / "configs" / f"ml1m_{base}.yaml").finetune
+    for base in ("ml1m_diffrec", "ml1m_tdiffrec", "ml1m_cfdiff", "ml1m_seq", "beauty_seq", "beauty_dreamrec"):
+        section = load_config(REPO / "configs" / f"{base}.yaml").finetune
         for name, recipe in table.RUNS.items():
             overrides = {k: v for k, v in recipe.items() if k != "continued"}
             assert finetune_config({**section, **overrides}).agent == overrides.get("agent", section["agent"]), name
