@@ -20,18 +20,26 @@ Usage::
 ``--param KEY=VALUE`` fixes any other hyper-parameter of ``SASRecConfig`` for all runs (e.g.
 ``--param window=random --param max_len=200`` on ML-1M). With ``--max-epochs 2`` and one setting it
 measures seconds per epoch only (the metrics are then those of an unconverged model).
+
+``--workers N`` trains the seeds after the tuning in N processes (``--threads`` threads each).
+``results.json`` is saved after the tuning and after every seed; ``--resume`` with the same command
+keeps what it holds (the tuning, the finished seeds) and trains only the missing seeds, so a long
+grid can be finished across sessions. Test is still computed once per seed's final model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -83,7 +91,8 @@ def markdown(result: dict) -> str:
         "",
         f"Chosen on validation {result['tuning']['metric']}: `{result['chosen']}` "
         f"(fixed: `{result['fixed']}`); {len(runs)} seeds {[r['seed'] for r in runs]}; "
-        f"{result['threads']} thread(s), {result['machine']}.",
+        f"{result['threads']} thread(s) per process, {result.get('workers', 1)} process(es) for the seeds after "
+        f"the tuning, {result['machine']}.",
         "",
         "| split | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
@@ -110,8 +119,41 @@ def markdown(result: dict) -> str:
     for run in result["tuning"]["runs"]:
         lines.append(f"| `{run['params']}` | {run[metric]:.4f} | {run['best_epoch']} | {run['epochs']} | "
                      f"{run['epoch_seconds']:.1f} | {run['fit_seconds']:.1f} |")
-    lines += ["", f"Command: `{result['command']}`", ""]
+    lines += ["", f"Command: `{result['command']}`"]
+    lines += [f"Resumed by: `{command}`" for command in result.get("resumed_by", [])]
+    lines.append("")
     return "\n".join(lines)
+
+
+def fit_and_evaluate(dataset: str, data_dir: Optional[str], params: dict) -> dict:
+    """Train one seed's model (``params`` holds the seed) and evaluate it once on valid and test.
+
+    Top-level so that ``--workers`` processes can run it; each loads the dataset itself."""
+    torch.set_num_threads(params["threads"])
+    data = load_dataset(dataset, data_dir=data_dir)
+    seed = params["seed"]
+    model = SASRecRecommender(**params).fit(data, log=lambda line: print_log(f"seed {seed}: {line}"))
+    return run_record(model, evaluate(model, data, splits=("valid", "test"), ks=KS).metrics)
+
+
+def comparable(value: Any) -> Any:
+    """``value`` as it reads back from ``results.json`` (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def resumed(output: Path, dataset: str, grid: list, fixed: dict) -> dict:
+    """The unfinished ``results.json`` of the same experiment (nothing recomputed from it is re-read)."""
+    path = output / "results.json"
+    if not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    for key, value in (("grid", grid), ("fixed", fixed)):
+        if result.get(key) != comparable(value):
+            raise SystemExit(f"--resume: {path} was written with {key} {result.get(key)!r}, this command has "
+                             f"{comparable(value)!r}; use another --output")
+    if result.get("dataset") != dataset:
+        raise SystemExit(f"--resume: {path} is for dataset {result.get('dataset')!r}, not {dataset!r}")
+    return result
 
 
 def main() -> None:
@@ -123,12 +165,21 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a hyper-parameter fixed for every run; repeatable")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes training the seeds after the tuning (each with --threads threads)")
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--output", default="runs/sasrec_baseline")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tuning and the seeds already in --output's results.json (same command) and "
+                             "train only the missing seeds")
     args = parser.parse_args()
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds must be distinct, got {args.seeds}")
 
     torch.set_num_threads(args.threads)
     output = Path(args.output)
@@ -141,36 +192,60 @@ def main() -> None:
     data = load_dataset(args.dataset, data_dir=args.data_dir)
     print(f"{data.name}: {data.n_users} users x {data.n_items} items, {data.train.nnz} train interactions",
           file=sys.stderr)
+    previous = resumed(output, data.name, grid, fixed) if args.resume else {}
+    if "tuning" in previous and previous["tuning"].get("seed") != args.seeds[0]:
+        raise SystemExit(f"--resume: the tuning in {output / 'results.json'} used seed "
+                         f"{previous['tuning'].get('seed')}, this command tunes with seed {args.seeds[0]}")
     popularity = evaluate(fit_baseline(PopularityRecommender(), data), data, ks=KS, protocol="sequential").metrics
 
-    result = {"dataset": data.name, "command": command, "threads": args.threads, "grid": grid, "fixed": fixed,
+    result = {"dataset": data.name, "command": previous.get("command", command), "threads": args.threads,
+              "workers": args.workers, "grid": grid, "fixed": fixed,
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "popularity": popularity}
-
-    def save() -> None:
-        (output / "results.json").write_text(json.dumps(result, indent=2))
+              "popularity": popularity, "resumed_by": previous.get("resumed_by", []) + ([command] if previous else [])}
 
     started = time.perf_counter()
-    tuning = tune_sasrec(data, grid, seed=args.seeds[0], log=print_log, **fixed)
-    result["tuning"] = {**tuning.to_dict(), "seed": args.seeds[0],
-                        "seconds": time.perf_counter() - started}
-    result["chosen"] = tuning.best_params
-    save()
-    print(f"chosen on validation: {tuning.best_params} ({tuning.metric} {tuning.best_score:.4f})", file=sys.stderr)
 
-    runs = []
-    for seed in args.seeds:
-        if seed == args.seeds[0]:
-            model = tuning.model  # the tuning run of this seed: fit is deterministic given the seed
-        else:
-            model = SASRecRecommender(**{**fixed, **tuning.best_params, "seed": seed}).fit(data, log=print_log)
-        metrics = evaluate(model, data, splits=("valid", "test"), ks=KS).metrics  # test: once per final model
-        runs.append(run_record(model, metrics))
-        print(f"seed {seed}: valid ndcg@10 {metrics['valid']['ndcg@10']:.4f}, "
+    def save() -> None:  # total_seconds: wall clock of every invocation, up to its last save
+        result["total_seconds"] = previous.get("total_seconds", 0.0) + time.perf_counter() - started
+        (output / "results.json").write_text(json.dumps(result, indent=2))
+
+    tuned_model = None
+    if "chosen" in previous:
+        result["tuning"], result["chosen"] = previous["tuning"], previous["chosen"]
+        print(f"resumed: chosen on validation {result['chosen']} (tuned before)", file=sys.stderr)
+    else:
+        tuning = tune_sasrec(data, grid, seed=args.seeds[0], log=print_log, **fixed)
+        result["tuning"] = {**tuning.to_dict(), "seed": args.seeds[0],
+                            "seconds": time.perf_counter() - started}
+        result["chosen"], tuned_model = tuning.best_params, tuning.model
+        save()
+        print(f"chosen on validation: {tuning.best_params} ({tuning.metric} {tuning.best_score:.4f})", file=sys.stderr)
+
+    done = {run["seed"]: run for run in previous.get("runs", []) if run["seed"] in args.seeds}
+
+    def record(run: dict) -> None:
+        done[run["seed"]] = run
+        metrics = run["metrics"]
+        print(f"seed {run['seed']}: valid ndcg@10 {metrics['valid']['ndcg@10']:.4f}, "
               f"test hr@10 {metrics['test']['hr@10']:.4f} ndcg@10 {metrics['test']['ndcg@10']:.4f}",
               file=sys.stderr)
-        result["runs"] = runs
+        result["runs"] = [done[seed] for seed in args.seeds if seed in done]
         save()
+
+    if tuned_model is not None:  # the first seed's model is the tuning run itself: a fit is deterministic given its seed
+        record(run_record(tuned_model, evaluate(tuned_model, data, splits=("valid", "test"), ks=KS).metrics))
+    missing = [seed for seed in args.seeds if seed not in done]
+    settings = [{**fixed, **result["chosen"], "seed": seed} for seed in missing]
+    if args.workers == 1 or len(missing) <= 1:
+        for params in settings:
+            record(fit_and_evaluate(args.dataset, args.data_dir, params))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(args.workers, len(missing)), mp_context=context) as pool:
+            futures = [pool.submit(fit_and_evaluate, args.dataset, args.data_dir, params) for params in settings]
+            for future in as_completed(futures):
+                record(future.result())
+    runs = result["runs"]
 
     summary: dict = {}
     for split in ("valid", "test"):
@@ -182,7 +257,6 @@ def main() -> None:
         mean, std = mean_std([run[key] for run in runs])
         summary[key] = {"mean": mean, "std": std}
     result["summary"] = summary
-    result["total_seconds"] = time.perf_counter() - started
     save()
     table = markdown(result)
     (output / "results.md").write_text(table)
