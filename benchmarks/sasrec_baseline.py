@@ -125,12 +125,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def fit_and_evaluate(dataset: str, data_dir: Optional[str], params: dict) -> dict:
+def fit_and_evaluate(dataset: str, data_dir: Optional[str], params: dict, data: Optional[Any] = None) -> dict:
     """Train one seed's model (``params`` holds the seed) and evaluate it once on valid and test.
 
-    Top-level so that ``--workers`` processes can run it; each loads the dataset itself."""
+    Top-level so that ``--workers`` processes can run it; each loads the dataset itself (``data``:
+    already loaded, in this process)."""
     torch.set_num_threads(params["threads"])
-    data = load_dataset(dataset, data_dir=data_dir)
+    data = data if data is not None else load_dataset(dataset, data_dir=data_dir)
     seed = params["seed"]
     model = SASRecRecommender(**params).fit(data, log=lambda line: print_log(f"seed {seed}: {line}"))
     return run_record(model, evaluate(model, data, splits=("valid", "test"), ks=KS).metrics)
@@ -142,7 +143,7 @@ def comparable(value: Any) -> Any:
 
 
 def resumed(output: Path, dataset: str, grid: list, fixed: dict) -> dict:
-    """The unfinished ``results.json`` of the same experiment (nothing recomputed from it is re-read)."""
+    """What an earlier run of the same experiment saved in ``output/results.json`` ({} when none)."""
     path = output / "results.json"
     if not path.is_file():
         return {}
@@ -238,7 +239,7 @@ def main() -> None:
     settings = [{**fixed, **result["chosen"], "seed": seed} for seed in missing]
     if args.workers == 1 or len(missing) <= 1:
         for params in settings:
-            record(fit_and_evaluate(args.dataset, args.data_dir, params))
+            record(fit_and_evaluate(args.dataset, args.data_dir, params, data))
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(args.workers, len(missing)), mp_context=context) as pool:
