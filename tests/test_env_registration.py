@@ -21,7 +21,7 @@ from refit_gym.envs.vector_env import DenoisingVectorEnv
 from refit_gym.errors import ConfigError
 
 IDS = ("ReFiT-ML1M-v0", "ReFiT-ML1M-CFDiff-v0", "ReFiT-ML1M-TDiffRec-v0", "ReFiT-Synthetic-v0", "ReFiT-Beauty-Seq-v0",
-       "ReFiT-ML1M-Seq-v0", "ReFiT-Beauty-DreamRec-v0")
+       "ReFiT-ML1M-Seq-v0", "ReFiT-Beauty-DreamRec-v0", "ReFiT-Beauty-DreamRec-v1")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,6 +110,21 @@ def test_each_id_is_the_shipped_yaml_that_names_it(env_id):
         for key, value in written.get(section, {}).items():
             assert ours[section][key] == value, f"{section}.{key}"
     assert scenario.versions and all(line.startswith("v") for line in scenario.versions)
+
+
+def test_a_new_version_keeps_the_older_ones_and_records_each():
+    """Gymnasium's convention: a scenario that changes gets a new id version, and every older version
+    stays registered and builds what it always built; each YAML lists its id's history up to itself."""
+    ids = [env_id for env_id, _ in list_envs()]
+    for env_id in ids:
+        name, version = env_id.rsplit("-v", 1)
+        assert [line.split(":")[0] for line in scenario_for(env_id).versions] == [f"v{n}" for n in range(int(version) + 1)]
+        assert all(f"{name}-v{n}" in ids for n in range(int(version))), env_id
+    small = {"pretrained": False, "dataset": "synthetic:n_users=40,n_items=30,seed=0"}
+    v0 = gym.make("ReFiT-Beauty-DreamRec-v0", **small).unwrapped.base_model.config
+    v1 = gym.make("ReFiT-Beauty-DreamRec-v1", **small).unwrapped.base_model.config
+    assert (v0.target_gradient, v0.hidden) == (True, 64)  # DreamRec's own objective (docs/sequential.md)
+    assert (v1.target_gradient, v1.hidden) == (False, 256)
 
 
 @pytest.mark.real_data
