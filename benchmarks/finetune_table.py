@@ -16,7 +16,9 @@ Rows:
 
 * **base models**: for each ``--bases`` name (``configs/<name>.yaml``, or ``configs/ml1m_<name>.yaml``:
   ``diffrec``, ``tdiffrec``, ``cfdiff``, ``beauty_seq``, ``beauty_dreamrec``, ...) and each
-  ``--pretrain-seeds`` seed, pretrained until it has converged (selected on validation);
+  ``--pretrain-seeds`` seed, pretrained until it has converged (selected on validation), or taken
+  from a checkpoint pretrained elsewhere (``--base-checkpoint BASE:SEED=PATH``: its model, diffusion,
+  dataset and seed are checked against the base's config);
 * **fine-tuned models**: each ``--runs`` recipe (see :data:`RUNS`) from each pretrained
   checkpoint, for each ``--finetune-seeds`` seed (``--updates`` updates, or a recipe's own
   ``--run-updates``, capped by ``--budget`` seconds), selected on validation.
@@ -138,7 +140,7 @@ def _summary(folder: Path, spec: dict) -> Optional[dict]:
 
 
 def pretrain_unit(spec: dict) -> dict:
-    """Pretrain one base model with one seed (validation only)."""
+    """Pretrain one base model with one seed (validation only), or take it from ``spec["checkpoint"]``."""
     from refit_gym.data import load_dataset
     from refit_gym.training.pretrain import pretrain
 
@@ -146,11 +148,47 @@ def pretrain_unit(spec: dict) -> dict:
     done = _summary(folder, spec)
     if done:
         return done
+    if spec.get("checkpoint"):
+        return import_unit(spec)
     config = _config(spec["base"], spec["seed"], spec["sets"])
     data = load_dataset(config.data.dataset)
     result = pretrain(config, data, output_dir=folder, progress=False, log=lambda _: None)
     summary = {"spec": spec, "valid": result.best_metrics["valid"], "seconds": result.seconds,
                "seconds_to_best": result.seconds_to_best, "best_epoch": result.best_epoch, "epochs": result.epochs_run}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def import_unit(spec: dict) -> dict:
+    """A base pretrained elsewhere (``--base-checkpoint``, e.g. by ``refit-gym pretrain``), checked against
+    the base's config (model, diffusion, dataset, seed), copied into the unit's folder and summarised from
+    its own ``metrics.json`` (selected on validation when it was trained)."""
+    import shutil
+
+    from refit_gym.checkpoint import read_checkpoint_config
+
+    source, folder = Path(spec["checkpoint"]), Path(spec["folder"])
+    saved = read_checkpoint_config(source)["experiment"]
+    config = _config(spec["base"], spec["seed"], spec["sets"]).to_dict()
+    expected = {"seed": spec["seed"], "data.dataset": config["data"]["dataset"],
+                **{f"{section}.{key}": value for section in ("model", "diffusion") for key, value in config[section].items()}}
+    found = {"seed": saved.get("seed"), "data.dataset": saved.get("data", {}).get("dataset"),
+             **{f"{section}.{key}": value for section in ("model", "diffusion")
+                for key, value in saved.get(section, {}).items()}}
+    differs = [key for key in sorted(set(expected) | set(found)) if expected.get(key) != found.get(key)]
+    if differs:
+        detail = "; ".join(f"{key}: the checkpoint has {found.get(key)}, the base {expected.get(key)}" for key in differs)
+        raise SystemExit(f"--base-checkpoint {source} is not {spec['base']} with seed {spec['seed']} ({detail})")
+    metrics = source / "metrics.json"
+    if not metrics.is_file():
+        raise SystemExit(f"--base-checkpoint {source}: metrics.json is missing (an unfinished pretraining run?)")
+    run = json.loads(metrics.read_text())
+    if run.get("stage") != "pretrain":
+        raise SystemExit(f"--base-checkpoint {source} is a {run.get('stage')} checkpoint, not a pretrained base")
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    summary = {"spec": spec, "valid": run["metrics"]["valid"], "seconds": run["seconds"],
+               "seconds_to_best": run["seconds_to_best"], "best_epoch": run["best_epoch"],
+               "epochs": run["epochs_run"]}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -266,6 +304,21 @@ def sequential_baselines(dataset: str, seeds: list[int], sasrec_results: Optiona
                        "command": result["command"]}}
 
 
+def base_checkpoints(items: list[str], bases: list[str], seeds: list[int]) -> dict[tuple[str, int], str]:
+    """``{(base, seed): path}`` from ``--base-checkpoint BASE:SEED=PATH`` items."""
+    out = {}
+    for item in items:
+        key, _, path = item.partition("=")
+        base, _, seed = key.partition(":")
+        if not path or base not in bases or not seed.isdigit() or int(seed) not in seeds:
+            raise SystemExit(f"--base-checkpoint {item!r}: expected BASE:SEED=PATH with BASE one of --bases {bases} "
+                             f"and SEED one of --pretrain-seeds {seeds}")
+        if not Path(path).is_dir():
+            raise SystemExit(f"--base-checkpoint {item!r}: {path} is not a directory")
+        out[base, int(seed)] = path
+    return out
+
+
 def run_stage(function, specs: list[dict], workers: int, threads: int) -> list[dict]:
     if workers <= 1 or len(specs) <= 1:
         _threads(threads)
@@ -362,6 +415,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="units run in parallel processes")
     parser.add_argument("--sasrec-results", help="a sequential table's SASRec baseline: the results.json of "
                         "benchmarks/sasrec_baseline.py on the same dataset and --pretrain-seeds")
+    parser.add_argument("--base-checkpoint", action="append", default=[], metavar="BASE:SEED=PATH",
+                        help="a base pretrained elsewhere (refit-gym pretrain) instead of pretraining it here; "
+                             "its model, diffusion, dataset and seed must be the base's")
     parser.add_argument("--compile-only", action="store_true", help="train nothing; tabulate what is finished")
     args = parser.parse_args()
     output = Path(args.output)
@@ -391,7 +447,9 @@ def main() -> None:
     if protocol == "sequential" and not args.sasrec_results:
         sequential_baselines(dataset, args.pretrain_seeds, None)  # refuses, with the command to run, before training
     started = time.perf_counter()
-    pretrain_specs = [{"base": b, "seed": s, "sets": base_sets[b], "folder": str(output / "pretrain" / f"{b}-p{s}")}
+    imported = base_checkpoints(args.base_checkpoint, bases, args.pretrain_seeds)
+    pretrain_specs = [{"base": b, "seed": s, "sets": base_sets[b], "folder": str(output / "pretrain" / f"{b}-p{s}"),
+                       **({"checkpoint": imported[b, s]} if (b, s) in imported else {})}
                       for b in bases for s in args.pretrain_seeds]
     finetune_specs = [{"base": b, "seed": f, "pretrain_seed": s, "run": r, "sets": base_sets[b],
                        "pretrained": str(output / "pretrain" / f"{b}-p{s}"), "updates": run_updates[r],
@@ -490,7 +548,9 @@ def main() -> None:
                                           [s["test"][metric] for s in by_recipe[b]])
                     cells.append(f"{difference:+.4f}, p {p:.1e}")
                 comparisons.append(f"| {base} | {a} | {b} | " + " | ".join(cells) + " |")
-    seconds = [(f"{s['spec']['base']}-p{s['spec']['seed']}", s["seconds"], s["seconds_to_best"]) for s in pretrained]
+    seconds = [(f"{s['spec']['base']}-p{s['spec']['seed']}"
+                + (f" (trained elsewhere: {s['spec']['checkpoint']})" if s["spec"].get("checkpoint") else ""),
+                s["seconds"], s["seconds_to_best"]) for s in pretrained]
     timing = ["| pretrained model | seconds | seconds to the best epoch |", "|---|---|---|"]
     timing += [f"| {name} | {total:.0f} | {best:.0f} |" for name, total, best in seconds]
     text = ["Command: `" + table["command"] + "`", "", *lines, "",

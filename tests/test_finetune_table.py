@@ -74,3 +74,54 @@ def test_every_recipe_is_a_valid_finetune_section_of_every_shipped_base_config(t
         for name, recipe in table.RUNS.items():
             overrides = {k: v for k, v in recipe.items() if k != "continued"}
             assert finetune_config({**section, **overrides}).agent == overrides.get("agent", section["agent"]), name
+
+
+@pytest.fixture
+def tiny_base_config(table, tmp_path, monkeypatch):
+    """``configs/<base>.yaml`` of the tiny pretrained base (``conftest.TINY_EXPERIMENT``) under the name ``tiny``."""
+    import yaml
+    from conftest import TINY_EXPERIMENT
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_EXPERIMENT))
+    monkeypatch.setattr(table, "config_path", lambda base: path if base == "tiny" else pytest.fail(base))
+    return path
+
+
+def test_a_base_pretrained_elsewhere_is_copied_and_summarised_from_its_own_metrics(table, tiny_pretrained,
+                                                                                   tiny_base_config, tiny_data,
+                                                                                   tmp_path):
+    from refit_gym.checkpoint import load_checkpoint
+
+    spec = {"base": "tiny", "seed": 0, "sets": [], "folder": str(tmp_path / "pretrain" / "tiny-p0"),
+            "checkpoint": str(tiny_pretrained)}
+    summary = table.pretrain_unit(spec)
+    saved = json.loads((tiny_pretrained / "metrics.json").read_text())
+    assert summary["valid"] == saved["metrics"]["valid"] and summary["best_epoch"] == saved["best_epoch"]
+    assert summary["seconds"] == saved["seconds"] and summary["epochs"] == saved["epochs_run"]
+    folder = Path(spec["folder"])
+    assert (folder / "model.safetensors").read_bytes() == (tiny_pretrained / "model.safetensors").read_bytes()
+    load_checkpoint(folder, tiny_data)  # the copy is a whole checkpoint: the fine-tuning and test units load it
+    assert table.pretrain_unit(spec) == json.loads((folder / "summary.json").read_text())  # resumed, not redone
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": 1}, "seed: the checkpoint has 0, the base 1"),
+    ({"sets": ["diffusion.steps=7"]}, "diffusion.steps: the checkpoint has 5, the base 7"),
+])
+def test_a_base_checkpoint_of_another_model_or_seed_is_refused_by_name(table, tiny_pretrained, tiny_base_config,
+                                                                       tmp_path, change, message):
+    spec = {"base": "tiny", "seed": 0, "sets": [], "folder": str(tmp_path / "p"), "checkpoint": str(tiny_pretrained),
+            **change}
+    with pytest.raises(SystemExit, match=message):
+        table.pretrain_unit(spec)
+    assert not (tmp_path / "p").exists()
+
+
+def test_base_checkpoint_items_are_parsed_and_bad_ones_refused(table, tmp_path):
+    assert table.base_checkpoints([f"tiny:2={tmp_path}"], ["tiny"], [0, 2]) == {("tiny", 2): str(tmp_path)}
+    for item in [f"tiny:1={tmp_path}", f"other:0={tmp_path}", "tiny:0=", f"tiny={tmp_path}"]:
+        with pytest.raises(SystemExit, match="expected BASE:SEED=PATH"):
+            table.base_checkpoints([item], ["tiny"], [0, 2])
+    with pytest.raises(SystemExit, match="is not a directory"):
+        table.base_checkpoints([f"tiny:0={tmp_path / 'missing'}"], ["tiny"], [0])
