@@ -14,6 +14,7 @@ from refit_gym.diffusion.schedules import make_betas
 from refit_gym.errors import ConfigError
 from refit_gym.models import build_model, model_config
 from refit_gym.models.sequence_encoder import CausalSequenceEncoder, trim_padding
+from refit_gym.models.time_embedding import timestep_embedding
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -137,6 +138,16 @@ def test_diffurec_every_prefix_loss_is_the_cross_entropy_of_the_last_target():
         assert (losses[row, :-1] == 0).all()
 
 
+@pytest.mark.parametrize("denoiser", ["mlp1", "mlp2"])
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_dreamrec_chain_step_equals_the_guided_denoiser(denoiser, guidance):
+    model = small("dreamrec", denoiser=denoiser, guidance=guidance).eval()
+    x_t, t, h = torch.randn(6, 8), torch.tensor([0, 3, 1, 3, 2, 0]), torch.randn(6, 8)
+    torch.testing.assert_close(model.denoiser.chain(h)(x_t, t), model.denoiser(x_t, h, t), rtol=1e-5, atol=1e-5)
+    step = torch.stack([model.denoiser.step_mlp(timestep_embedding(t[i : i + 1], 8))[0] for i in range(6)])
+    torch.testing.assert_close(model.denoiser.step_embedding(t), step)  # once per distinct step, row by row
+
+
 def test_dreamrec_guidance_combines_the_conditional_and_unconditional_predictions():
     model = small("dreamrec", guidance=2.0).eval()
     x_t, t, h = torch.randn(3, 8), torch.tensor([0, 1, 3]), torch.randn(3, 8)
@@ -212,3 +223,51 @@ def test_dreamrec_target_gradient_decides_whether_the_mse_trains_the_target_rows
 def test_dreamrec_target_gradient_must_be_a_bool():
     with pytest.raises(ConfigError, match="target_gradient"):
         small("dreamrec", target_gradient="no")
+
+
+@pytest.mark.parametrize("name", ["diffurec", "dreamrec"])
+def test_the_chain_denoiser_is_denoise_at_every_step_and_the_sample_its_chain(name):
+    model = small(name, guidance=2.0) if name == "dreamrec" else small(name)
+    model.eval()
+    table = SequenceTable(UserSequences.from_lists(SEQUENCES), N_ITEMS)
+    history = table.batch(torch.arange(5))
+    inputs = model.encode(history)
+    chain = model.chain_denoiser(**inputs.condition)
+    x = model.start_state(inputs, model.evaluation_noise(history.users))
+    start = x.clone()
+    for t in reversed(range(DIFFUSION.steps)):
+        step = torch.full((5,), t)
+        torch.testing.assert_close(chain(x, step), model.denoise(x, step, **inputs.condition))
+        x = model.reverse_mean(x, t, **inputs.condition)  # the reference chain: the condition re-encoded each step
+    sample = model.sample(inputs, start)
+    torch.testing.assert_close(sample, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["diffurec", "dreamrec"])
+def test_the_env_runs_its_hidden_prefix_as_the_reference_chain(name, monkeypatch):
+    """The env's prefix steps with the condition encoded once equal the chain that re-encodes it at every step."""
+    from refit_gym.data.interactions import TrainingInteractions
+    from refit_gym.envs.core import DenoisingMDP
+    from refit_gym.models.base import BaseModel
+    from refit_gym.rewards import build_reward
+
+    data = sequence_data()
+    model = small(name).eval().requires_grad_(False)
+    encodings = []
+    if name == "dreamrec":
+        encode = model.history_encoding
+        monkeypatch.setattr(model, "history_encoding", lambda items: encodings.append(1) or encode(items))
+
+    def reset() -> torch.Tensor:
+        core = DenoisingMDP(model, build_reward("loglik", data), TrainingInteractions.from_data(data), batch_size=5,
+                            exposed_steps=1, holdout_count=1)
+        core.reset(np.random.default_rng(0), users=[0, 1, 2, 3, 4])
+        return core.x_t.clone()
+
+    fast = reset()
+    if name == "dreamrec":
+        assert len(encodings) == 1  # once per chain, not once per step (3 hidden steps here)
+    monkeypatch.setattr(type(model), "chain_denoiser", BaseModel.chain_denoiser)  # the reference: every step
+    torch.testing.assert_close(fast, reset())
+    if name == "dreamrec":
+        assert len(encodings) == 1 + DIFFUSION.steps - 1

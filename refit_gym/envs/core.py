@@ -547,8 +547,9 @@ class DenoisingMDP:
         noise = self._select(self._normal(_INITIAL_NOISE), rows) if needs_noise else None
         x = self.model.start_state(inputs, noise, self.noise_steps)
         with autocast(self.precision, self.device):
+            denoise = self.model.chain_denoiser(**context)  # the frozen model: its condition encoded once
             for t in range(self.steps - 1, self.exposed_steps - 1, -1):
-                x = self.model.reverse_mean(x, t, **context)
+                x = self.model.diffusion.p_mean_variance(denoise, x, t)["mean"]
                 if self.stochastic_prefix and self._prefix_std[t] > 0:
                     x = x.float() + float(self._prefix_std[t]) * self._select(self._normal(_PREFIX_NOISE, t), rows)
         return x.to(torch.float32).clamp(-self.action_bound, self.action_bound)

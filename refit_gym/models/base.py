@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -153,6 +153,16 @@ class BaseModel(nn.Module):
         if noise_steps == 0:
             return inputs.start
         return self.diffusion.q_sample(inputs.start, noise_steps - 1, noise=noise)
+
+    def chain_denoiser(self, **condition: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x_t, t) -> denoise(x_t, t, **condition)`` for the many steps of one chain.
+
+        The condition is fixed along a chain, so a model whose conditioning does not depend on
+        ``x_t`` overrides this to encode it once (DreamRec's history encoder) instead of once per
+        step. Meant for a model that is not training: in train mode a dropout mask drawn here is
+        shared by every step of the chain.
+        """
+        return lambda x_t, t: self.denoise(x_t, t, **condition)
 
     def reverse_mean(self, x_t: torch.Tensor, t: int, **condition: torch.Tensor) -> torch.Tensor:
         """The deterministic reverse step ``x_t -> mean of p(x_{t-1} | x_t)`` at diffusion step ``t``."""

@@ -35,10 +35,11 @@ the prefix alone). DreamRec's own history window is the last 10 items.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from refit_gym.data.interactions import TrainingInteractions
 from refit_gym.diffusion.gaussian import GaussianDiffusion
@@ -93,8 +94,13 @@ class DreamRecDenoiser(nn.Module):
             self.net = nn.Sequential(nn.Linear(3 * hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
         self.none_embedding = nn.Parameter(torch.randn(hidden))
 
+    def step_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """``(N, hidden)``: the step MLP of ``t``'s ``N`` entries, run once per distinct step."""
+        steps, index = torch.unique(t.reshape(-1), return_inverse=True)
+        return self.step_mlp(timestep_embedding(steps, self.hidden))[index]
+
     def conditional(self, x_t: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        step = self.step_mlp(timestep_embedding(t.reshape(-1), self.hidden)).view_as(x_t)
+        step = self.step_embedding(t).view_as(x_t)
         return self.net(torch.cat([x_t, h, step], dim=-1))
 
     def forward(self, x_t: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +110,18 @@ class DreamRecDenoiser(nn.Module):
             return conditional
         unconditional = self.conditional(x_t, self.none_embedding.expand_as(h), t)
         return (1.0 + self.guidance) * conditional - self.guidance * unconditional
+
+    def chain(self, h: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x_t, t) -> forward(x_t, h, t)`` for the steps of one chain, with what does not depend on
+        ``x_t`` computed once. ``mlp1`` is one linear layer ``W [x_t, c, s] + b``, so the guided
+        combination folds into it: ``W_x x_t + W_s s + b + W_h ((1 + w) h - w none)`` -- one
+        ``hidden x hidden`` product per step instead of two ``3 hidden x hidden`` ones."""
+        if len(self.net) != 1:  # mlp2: not linear in the condition
+            return lambda x_t, t: self(x_t, h, t)
+        w_x, w_h, w_s = self.net[0].weight.split(self.hidden, dim=1)
+        condition = (1.0 + self.guidance) * h - self.guidance * self.none_embedding.expand_as(h)
+        fixed = F.linear(condition, w_h, self.net[0].bias)
+        return lambda x_t, t: F.linear(x_t, w_x) + F.linear(self.step_embedding(t).view_as(x_t), w_s) + fixed
 
 
 class DreamRec(SequentialDiffusion):
@@ -132,11 +150,15 @@ class DreamRec(SequentialDiffusion):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x_t, self.history_encoding(items), t)
 
+    def chain_denoiser(self, items: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The history encoded once for a whole chain (it does not depend on ``x_t``), the guided
+        ``mlp1`` folded into one product per step (:meth:`DreamRecDenoiser.chain`)."""
+        return self.denoiser.chain(self.history_encoding(items))
+
     @torch.no_grad()
     def sample(self, inputs: ChainInputs, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The deterministic chain, the history encoded once (it does not depend on ``x_t``)."""
-        h = self.history_encoding(inputs.condition["items"])
-        return self.diffusion.sample(lambda x_t, t, h: self.denoiser(x_t, h, t), self.start_state(inputs, noise), 0, h=h)
+        """The deterministic chain, the history encoded once."""
+        return self.diffusion.sample(self.chain_denoiser(**inputs.condition), self.start_state(inputs, noise), 0)
 
     def next_item_loss(
         self, inputs: torch.Tensor, targets: torch.Tensor, generator: Optional[torch.Generator]
