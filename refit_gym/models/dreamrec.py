@@ -94,10 +94,12 @@ class DreamRecDenoiser(nn.Module):
             self.net = nn.Sequential(nn.Linear(3 * hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
         self.none_embedding = nn.Parameter(torch.randn(hidden))
 
-    def step_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        """``(N, hidden)``: the step MLP of ``t``'s ``N`` entries, run once per distinct step."""
+    def step_embedding(self, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(N, hidden)``: the step MLP of ``t``'s ``N`` entries (times ``weight^T`` when given), run
+        once per distinct step and then spread over the entries."""
         steps, index = torch.unique(t.reshape(-1), return_inverse=True)
-        return self.step_mlp(timestep_embedding(steps, self.hidden))[index]
+        embedding = self.step_mlp(timestep_embedding(steps, self.hidden))
+        return (embedding if weight is None else F.linear(embedding, weight))[index]
 
     def conditional(self, x_t: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = self.step_embedding(t).view_as(x_t)
@@ -115,13 +117,14 @@ class DreamRecDenoiser(nn.Module):
         """``(x_t, t) -> forward(x_t, h, t)`` for the steps of one chain, with what does not depend on
         ``x_t`` computed once. ``mlp1`` is one linear layer ``W [x_t, c, s] + b``, so the guided
         combination folds into it: ``W_x x_t + W_s s + b + W_h ((1 + w) h - w none)`` -- one
-        ``hidden x hidden`` product per step instead of two ``3 hidden x hidden`` ones."""
+        ``hidden x hidden`` product per row and step instead of two ``3 hidden x hidden`` ones
+        (``W_s s`` is computed once per distinct step)."""
         if len(self.net) != 1:  # mlp2: not linear in the condition
             return lambda x_t, t: self(x_t, h, t)
         w_x, w_h, w_s = self.net[0].weight.split(self.hidden, dim=1)
         condition = (1.0 + self.guidance) * h - self.guidance * self.none_embedding.expand_as(h)
         fixed = F.linear(condition, w_h, self.net[0].bias)
-        return lambda x_t, t: F.linear(x_t, w_x) + F.linear(self.step_embedding(t).view_as(x_t), w_s) + fixed
+        return lambda x_t, t: F.linear(x_t, w_x) + self.step_embedding(t, w_s).view_as(x_t) + fixed
 
 
 class DreamRec(SequentialDiffusion):
