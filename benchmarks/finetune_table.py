@@ -159,6 +159,13 @@ def pretrain_unit(spec: dict) -> dict:
     return summary
 
 
+def _identity(experiment: dict) -> dict:
+    """What makes two pretrained bases the same model: the seed, the dataset, every model and diffusion field."""
+    return {"seed": experiment.get("seed"), "data.dataset": experiment.get("data", {}).get("dataset"),
+            **{f"{section}.{key}": value for section in ("model", "diffusion")
+               for key, value in experiment.get(section, {}).items()}}
+
+
 def import_unit(spec: dict) -> dict:
     """A base pretrained elsewhere (``--base-checkpoint``, e.g. by ``refit-gym pretrain``), checked against
     the base's config (model, diffusion, dataset, seed), copied into the unit's folder and summarised from
@@ -170,11 +177,7 @@ def import_unit(spec: dict) -> dict:
     source, folder = Path(spec["checkpoint"]), Path(spec["folder"])
     saved = read_checkpoint_config(source)["experiment"]
     config = _config(spec["base"], spec["seed"], spec["sets"]).to_dict()
-    expected = {"seed": spec["seed"], "data.dataset": config["data"]["dataset"],
-                **{f"{section}.{key}": value for section in ("model", "diffusion") for key, value in config[section].items()}}
-    found = {"seed": saved.get("seed"), "data.dataset": saved.get("data", {}).get("dataset"),
-             **{f"{section}.{key}": value for section in ("model", "diffusion")
-                for key, value in saved.get(section, {}).items()}}
+    expected, found = _identity(config), _identity(saved)
     differs = [key for key in sorted(set(expected) | set(found)) if expected.get(key) != found.get(key)]
     if differs:
         detail = "; ".join(f"{key}: the checkpoint has {found.get(key)}, the base {expected.get(key)}" for key in differs)
