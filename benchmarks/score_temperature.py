@@ -1,0 +1,90 @@
+"""Calibrate a sequential scenario's reward temperature: the validation NLL of ``softmax(scores / tau)``.
+
+The sequential scenarios' likelihood reward (and ``next_collaborative``, and ``refit``'s likelihood
+term) score items by ``softmax(x0 . E^T / tau)``. ``tau = 1`` is rarely a good probability model:
+the scores of a wide model spread over tens of units per user, and the reward then ranges over
+hundreds of nats. This script scores every validation user of a checkpoint once (the evaluation's
+own ``score``: the history ``train[u]``, the chain from noise for DreamRec) and prints, for each
+``--temperatures`` value, the mean negative log-likelihood of the user's validation item, next to
+the uniform model's ``log(n_items)``. The ``tau`` with the lowest NLL is the calibrated one: chosen on
+validation, never on test. Nothing is trained. Usage::
+
+    REFIT_GYM_DATA=../shared/data python benchmarks/score_temperature.py \\
+        --pretrained runs/ml1m_dreamrec/p0 [--temperatures 1 16 32 64 80 96 128] [--users 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+
+from refit_gym.checkpoint import load_checkpoint, read_checkpoint_config
+from refit_gym.config import config_from_dict
+from refit_gym.data import load_dataset
+from refit_gym.data.history import SequenceTable
+from refit_gym.errors import ConfigError
+from refit_gym.evaluation.evaluator import protocol_from_config
+
+
+def temperature_nll(scores: torch.Tensor, targets: torch.Tensor, temperatures: list[float]) -> list[float]:
+    """Per temperature, the summed ``-log softmax(scores / tau)[target]`` over the rows of ``scores``."""
+    if any(not tau > 0 for tau in temperatures):
+        raise ConfigError(f"temperatures must be positive, got {temperatures}")
+    picked = scores.gather(1, targets[:, None]).squeeze(1)
+    return [float((torch.logsumexp(scores / tau, dim=1) - picked / tau).sum()) for tau in temperatures]
+
+
+def validation_targets(data) -> np.ndarray:
+    """The one validation item of each user (the leave-one-out protocol); an error otherwise."""
+    valid = data.split("valid").tocsr()
+    counts = np.diff(valid.indptr)
+    if not (counts == 1).all():
+        raise ConfigError(f"{data.name}: every user needs exactly one validation item (leave-one-out); "
+                          f"{int((counts != 1).sum())} users do not")
+    return valid.indices.astype(np.int64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", required=True, help="a checkpoint folder of a sequential base model")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1, 16, 32, 48, 64, 80, 96, 128])
+    parser.add_argument("--users", type=int, default=None, help="a seeded random subset of users (default: all)")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0, help="the users' draw and the chains' noise")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = config_from_dict(read_checkpoint_config(args.pretrained)["experiment"])
+    data = load_dataset(config.data.dataset, data_dir=config.data.data_dir)
+    model, _ = load_checkpoint(args.pretrained, data)
+    model.eval()
+    protocol = protocol_from_config(config.evaluation, model)
+    if protocol.name != "sequential":
+        raise SystemExit(f"{args.pretrained}: a {protocol.name!r} model; this calibration is for sequential ones")
+    targets = validation_targets(data)
+    users = np.arange(data.n_users)
+    if args.users is not None and args.users < data.n_users:
+        users = np.sort(np.random.default_rng(args.seed).choice(data.n_users, args.users, replace=False))
+    table = SequenceTable(protocol.input_sequences(data, "valid"), data.n_items)
+    torch.manual_seed(args.seed)
+    totals = np.zeros(len(args.temperatures))
+    spread = 0.0
+    with torch.no_grad():
+        for start in range(0, len(users), args.batch_size):
+            batch = torch.as_tensor(users[start:start + args.batch_size])
+            scores = model.score(table.batch(batch)).float()
+            totals += temperature_nll(scores, torch.as_tensor(targets[batch.numpy()]), args.temperatures)
+            spread += float(scores.std(dim=1).sum())
+    print(f"{args.pretrained}: {len(users)} validation users of {data.name}, {data.n_items} items; the scores' "
+          f"std per user {spread / len(users):.2f}; uniform NLL log(n_items) = {math.log(data.n_items):.3f}")
+    print("| tau | validation NLL (nats) |\n|---|---|")
+    best = int(np.argmin(totals))
+    for i, tau in enumerate(args.temperatures):
+        print(f"| {tau:g} | {totals[i] / len(users):.3f}{' (lowest)' if i == best else ''} |")
+
+
+if __name__ == "__main__":
+    main()

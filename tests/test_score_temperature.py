@@ -1,0 +1,94 @@
+"""benchmarks/score_temperature.py: the validation NLL of softmax(scores / tau) equals the cross-entropy
+reference, tends to log(n_items) for a large tau, and bad inputs are refused by name."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refit_gym.checkpoint import save_checkpoint
+from refit_gym.config import config_from_dict
+from refit_gym.data import load_dataset
+from refit_gym.errors import ConfigError
+from refit_gym.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "score_temperature.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("score_temperature", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_nll_is_the_cross_entropy_of_the_scaled_scores(bench):
+    scores = torch.randn(7, 11, generator=torch.Generator().manual_seed(0)) * 30
+    targets = torch.tensor([0, 3, 10, 5, 5, 1, 9])
+    temperatures = [1.0, 8.0, 80.0]
+    reference = [float(torch.nn.functional.cross_entropy(scores / tau, targets, reduction="sum")) for tau in temperatures]
+    assert bench.temperature_nll(scores, targets, temperatures) == pytest.approx(reference, rel=1e-5)
+    assert bench.temperature_nll(scores, targets, [1e9])[0] / 7 == pytest.approx(math.log(11), abs=1e-6)
+    with pytest.raises(ConfigError, match="temperatures must be positive"):
+        bench.temperature_nll(scores, targets, [80.0, 0.0])
+
+
+def write_pickle(folder: Path, no_valid_item: bool = False) -> Path:
+    """A DiffuRec-style ``dataset.pkl``: 40 users walk one cycle over 15 items (item ids from 1)."""
+    rng = np.random.default_rng(0)
+    train, val, test = {}, {}, {}
+    for user in range(40):
+        start, length = int(rng.integers(15)), int(rng.integers(5, 9))
+        items = [(start + k) % 15 + 1 for k in range(length + 2)]
+        train[user], val[user], test[user] = items[:-2], [items[-2]], [items[-1]]
+    if no_valid_item:
+        val[0] = []
+    folder.mkdir(parents=True)
+    (folder / "dataset.pkl").write_bytes(pickle.dumps({"train": train, "val": val, "test": test}))
+    return folder
+
+
+def checkpoint(tmp_path: Path, data_folder: Path) -> Path:
+    config = config_from_dict({
+        "device": "cpu", "data": {"dataset": str(data_folder)},
+        "model": {"name": "dreamrec", "hidden": 8, "max_len": 4},
+        "diffusion": {"steps": 5, "noise_schedule": "exp", "mean_type": "x0", "beta_fixed": False},
+        "evaluation": {"protocol": "sequential"},
+    })
+    data = load_dataset(str(data_folder))
+    torch.manual_seed(0)
+    model = build_model(config.model, config.diffusion, data)
+    return save_checkpoint(tmp_path / "ckpt", model, config, data)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+
+
+def test_a_checkpoint_end_to_end_and_its_uniform_limit(tmp_path):
+    folder = checkpoint(tmp_path, write_pickle(tmp_path / "seq"))
+    done = run("--pretrained", str(folder), "--temperatures", "1", "1e9", "--users", "30", "--batch-size", "7")
+    assert done.returncode == 0, done.stderr
+    assert "30 validation users" in done.stdout and "15 items" in done.stdout
+    rows = [line.split("|")[1:3] for line in done.stdout.splitlines() if line.startswith("| 1")]
+    assert [tau.strip() for tau, _ in rows] == ["1", "1e+09"]
+    assert float(rows[1][1].split()[0]) == pytest.approx(math.log(15), abs=1e-3)
+
+
+def test_users_without_exactly_one_validation_item_are_refused(bench, tmp_path):
+    data = load_dataset(str(write_pickle(tmp_path / "seq", no_valid_item=True)))
+    with pytest.raises(ConfigError, match="exactly one validation item.*1 users do not"):
+        bench.validation_targets(data)
