@@ -60,7 +60,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from scipy import stats
 
@@ -252,17 +252,20 @@ def test_unit(spec: dict) -> dict:
     return result.metrics["test"]
 
 
-def baselines(output: Path, protocol: str, dataset: str, seeds: list[int], sasrec_results: Optional[str]) -> dict:
-    """The protocol's baselines, tuned on validation, tested once (cached in ``baselines.json``).
+def baselines(output: Path, protocol: str, dataset: str, seeds: list[int],
+              sasrec_results: Union[str, None, bool]) -> dict:
+    """The protocol's baselines, tuned on validation, tested once (written to ``baselines.json``; the
+    ``cf`` ones, computed here at some cost, are read back from it).
 
     ``cf``: popularity, EASE and recency-weighted EASE (deterministic), computed here.
     ``sequential``: popularity and SASRec from the ``results.json`` of a finished
     ``benchmarks/sasrec_baseline.py`` run on the same dataset and seeds (``--sasrec-results``; its
     settings were chosen on validation, one model per seed, test computed once per model): the
-    entry's ``seeds`` hold every seed's metrics.
+    entry's ``seeds`` hold every seed's metrics. ``sasrec_results=False`` (``--without-sasrec``):
+    popularity alone, computed here.
     """
     path = output / "baselines.json"
-    if path.is_file():
+    if protocol == "cf" and path.is_file():  # the sequential ones are read (or counted) again: the arguments decide
         return json.loads(path.read_text())
     out: dict[str, dict] = {}
     if protocol == "cf":
@@ -287,13 +290,22 @@ def baselines(output: Path, protocol: str, dataset: str, seeds: list[int], sasre
     return out
 
 
-def sequential_baselines(dataset: str, seeds: list[int], sasrec_results: Optional[str]) -> dict[str, dict]:
-    """Popularity and SASRec read from a ``benchmarks/sasrec_baseline.py`` result (see :func:`baselines`)."""
+def sequential_baselines(dataset: str, seeds: list[int], sasrec_results: Union[str, None, bool]) -> dict[str, dict]:
+    """Popularity and SASRec read from a ``benchmarks/sasrec_baseline.py`` result, or popularity alone
+    (``sasrec_results=False``; see :func:`baselines`)."""
     command = (f"python benchmarks/sasrec_baseline.py --dataset {dataset} --seeds {' '.join(map(str, seeds))} "
                "--output runs/sasrec_<dataset>")
+    if sasrec_results is False:
+        from refit_gym.baselines import PopularityRecommender, fit_baseline
+        from refit_gym.data import load_dataset
+        from refit_gym.evaluation.evaluator import evaluate
+
+        data = load_dataset(dataset)
+        popularity = evaluate(fit_baseline(PopularityRecommender(), data), data, ks=(5, 10, 20), protocol="sequential")
+        return {"popularity": {"chosen_on_valid": {}, **popularity.metrics}}
     if not sasrec_results:
         raise SystemExit(f"a sequential table needs the SASRec baseline: run `{command}` and pass its results.json "
-                         "with --sasrec-results")
+                         "with --sasrec-results (or, to compare fine-tuning arms without it, --without-sasrec)")
     result = json.loads(Path(sasrec_results).read_text())
     run_seeds = [run["seed"] for run in result.get("runs", [])]
     if result.get("dataset") != dataset or sorted(run_seeds) != sorted(seeds) or "summary" not in result:
@@ -418,6 +430,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="units run in parallel processes")
     parser.add_argument("--sasrec-results", help="a sequential table's SASRec baseline: the results.json of "
                         "benchmarks/sasrec_baseline.py on the same dataset and --pretrain-seeds")
+    parser.add_argument("--without-sasrec", action="store_true",
+                        help="a sequential table without SASRec: popularity is then its only baseline and the "
+                             "reference of its tests (the table says so); for comparing fine-tuning arms")
     parser.add_argument("--base-checkpoint", action="append", default=[], metavar="BASE:SEED=PATH",
                         help="a base pretrained elsewhere (refit-gym pretrain) instead of pretraining it here; "
                              "its model, diffusion, dataset and seed must be the base's")
@@ -447,7 +462,10 @@ def main() -> None:
     shown, tested = METRICS[protocol]
     reference_name = REFERENCE[protocol]
 
-    if protocol == "sequential" and not args.sasrec_results:
+    if args.without_sasrec and (protocol != "sequential" or args.sasrec_results):
+        raise SystemExit("--without-sasrec is for a sequential table given no --sasrec-results")
+    sasrec_results = False if args.without_sasrec else args.sasrec_results
+    if protocol == "sequential" and not sasrec_results and not args.without_sasrec:
         sequential_baselines(dataset, args.pretrain_seeds, None)  # refuses, with the command to run, before training
     started = time.perf_counter()
     imported = base_checkpoints(args.base_checkpoint, bases, args.pretrain_seeds)
@@ -470,7 +488,8 @@ def main() -> None:
     for summary, test in zip(pretrained + finetuned, tests):
         summary["test"] = test
     # read after training: a SASRec run may finish while the diffusion models train
-    reference = baselines(output, protocol, dataset, args.pretrain_seeds, args.sasrec_results)
+    reference = baselines(output, protocol, dataset, args.pretrain_seeds, sasrec_results)
+    reference_name = reference_name if reference_name in reference else "popularity"  # --without-sasrec
 
     # ---- rows
     pair = " / ".join(tested)
@@ -560,6 +579,9 @@ def main() -> None:
             "Mean ± std over runs (pretraining seeds x fine-tuning seeds); p-values signed by the direction "
             "of the mean difference. Updates: mean updates run (mean update of the selected checkpoint); "
             "seconds: mean wall clock of a run (pretrained rows: of pretraining).", ""]
+    if args.without_sasrec:
+        text += ["Run with --without-sasrec: this table has no SASRec row, and its tests are against popularity; "
+                 "the strongest baseline is not in it.", ""]
     if len(comparisons) > 2:
         text += [*comparisons, ""]
     text += [*timing, ""]

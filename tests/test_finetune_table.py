@@ -60,7 +60,8 @@ def test_a_sasrec_run_of_other_data_seeds_or_unfinished_is_refused(table, tmp_pa
     path = _sasrec_results(tmp_path / "r.json", **change)
     with pytest.raises(SystemExit, match=message):
         table.sequential_baselines("diffurec_amazon_beauty", [0, 1, 2], str(path))
-    with pytest.raises(SystemExit, match="needs the SASRec baseline"):
+    with pytest.raises(SystemExit, match="needs the SASRec baseline.*or, to compare fine-tuning arms without it, "
+                                         "--without-sasrec"):
         table.sequential_baselines("diffurec_amazon_beauty", [0, 1, 2], None)
 
 
@@ -69,7 +70,8 @@ def test_every_recipe_is_a_valid_finetune_section_of_every_shipped_base_config(t
     from agents.config import finetune_config
     from refit_gym.config import load_config
 
-    for base in ("ml1m_diffrec", "ml1m_tdiffrec", "ml1m_cfdiff", "ml1m_seq", "beauty_seq", "beauty_dreamrec"):
+    for base in ("ml1m_diffrec", "ml1m_tdiffrec", "ml1m_cfdiff", "ml1m_seq", "beauty_seq", "beauty_dreamrec",
+                 "ml1m_dreamrec"):
         section = load_config(REPO / "configs" / f"{base}.yaml").finetune
         for name, recipe in table.RUNS.items():
             overrides = {k: v for k, v in recipe.items() if k != "continued"}
@@ -125,3 +127,30 @@ def test_base_checkpoint_items_are_parsed_and_bad_ones_refused(table, tmp_path):
             table.base_checkpoints([item], ["tiny"], [0, 2])
     with pytest.raises(SystemExit, match="is not a directory"):
         table.base_checkpoints([f"tiny:0={tmp_path / 'missing'}"], ["tiny"], [0])
+
+
+def test_without_sasrec_the_sequential_baseline_is_popularity_counted_here(table, tmp_path, monkeypatch):
+    import pickle
+
+    from refit_gym.baselines import PopularityRecommender, fit_baseline
+    from refit_gym.data import load_dataset
+    from refit_gym.evaluation.evaluator import evaluate
+
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    train = {u: [(u + k) % 25 + 1 for k in range(5)] for u in range(30)}
+    val = {u: [(u + 5) % 25 + 1] for u in range(30)}
+    test = {u: [(u + 6) % 25 + 1] for u in range(30)}
+    (folder / "dataset.pkl").write_bytes(pickle.dumps({"train": train, "val": val, "test": test}))
+    out = table.sequential_baselines(str(folder), [0, 1, 2], False)
+    data = load_dataset(str(folder))
+    reference = evaluate(fit_baseline(PopularityRecommender(), data), data, ks=(5, 10, 20), protocol="sequential")
+    assert list(out) == ["popularity"] and out["popularity"]["chosen_on_valid"] == {}
+    assert out["popularity"]["test"] == reference.metrics["test"] and out["popularity"]["valid"]["hr@20"] > 0
+    # the flag is for sequential tables given no SASRec result, and says so before anything is trained
+    for argv in (["--bases", "diffrec", "--without-sasrec"], ["--bases", "beauty_seq", "--without-sasrec",
+                                                               "--sasrec-results", "r.json"]):
+        monkeypatch.setattr("sys.argv", ["finetune_table.py", "--output", str(tmp_path / "t"), *argv])
+        with pytest.raises(SystemExit, match="--without-sasrec is for a sequential table given no --sasrec-results"):
+            table.main()
+    assert not (tmp_path / "t" / "pretrain").exists()
