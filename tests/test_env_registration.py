@@ -21,7 +21,8 @@ from refit_gym.envs.vector_env import DenoisingVectorEnv
 from refit_gym.errors import ConfigError
 
 IDS = ("ReFiT-ML1M-v0", "ReFiT-ML1M-CFDiff-v0", "ReFiT-ML1M-TDiffRec-v0", "ReFiT-Synthetic-v0", "ReFiT-Beauty-Seq-v0",
-       "ReFiT-ML1M-Seq-v0", "ReFiT-Beauty-DreamRec-v0", "ReFiT-Beauty-DreamRec-v1")
+       "ReFiT-ML1M-Seq-v0", "ReFiT-Beauty-DreamRec-v0", "ReFiT-Beauty-DreamRec-v1",
+       "ReFiT-ML1M-DreamRec-v0")
 REPO = Path(__file__).resolve().parents[1]
 
 

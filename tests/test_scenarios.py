@@ -37,7 +37,8 @@ def _short(env_id: str) -> dict:
 
 def test_every_shipped_scenario_is_listed():
     assert {"ReFiT-Synthetic-v0", "ReFiT-ML1M-v0", "ReFiT-ML1M-TDiffRec-v0", "ReFiT-ML1M-CFDiff-v0", "ReFiT-Beauty-Seq-v0",
-            "ReFiT-ML1M-Seq-v0", "ReFiT-Beauty-DreamRec-v0", "ReFiT-Beauty-DreamRec-v1"} <= set(ENV_IDS)
+            "ReFiT-ML1M-Seq-v0", "ReFiT-Beauty-DreamRec-v0", "ReFiT-Beauty-DreamRec-v1",
+            "ReFiT-ML1M-DreamRec-v0"} <= set(ENV_IDS)
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
