@@ -10,7 +10,9 @@ Every row of a table uses the same split and protocol, the one of its base model
 * ``sequential`` (a DiffuRec leave-one-out pickle, full ranking, history not masked; HR /
   NDCG): baselines popularity and **SASRec trained with cross-entropy over all items**
   (hyper-parameters chosen on validation, then one model per ``--pretrain-seeds`` seed) -- the
-  reference baseline of the tests, a sequence model that reads the same histories;
+  reference baseline of the tests, a sequence model that reads the same histories
+  (``--without-sasrec``: popularity alone, the reference of the tests then, to compare fine-tuning
+  arms where no SASRec run is at hand; the table says that the strongest baseline is not in it);
 
 Rows:
 
