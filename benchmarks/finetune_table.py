@@ -467,7 +467,7 @@ def main() -> None:
     if args.without_sasrec and (protocol != "sequential" or args.sasrec_results):
         raise SystemExit("--without-sasrec is for a sequential table given no --sasrec-results")
     sasrec_results = False if args.without_sasrec else args.sasrec_results
-    if protocol == "sequential" and not sasrec_results and not args.without_sasrec:
+    if protocol == "sequential" and not args.without_sasrec and not args.sasrec_results:
         sequential_baselines(dataset, args.pretrain_seeds, None)  # refuses, with the command to run, before training
     started = time.perf_counter()
     imported = base_checkpoints(args.base_checkpoint, bases, args.pretrain_seeds)
