@@ -275,6 +275,15 @@ def cmd_envs(args) -> int:
     return 0
 
 
+def holdout_text(holdout: str, fraction: float, count: Optional[int]) -> str:
+    """What an env hides from its input, in words (``refit-gym info``)."""
+    if holdout == "none":
+        return "none"
+    if count is not None:
+        return f"{holdout}: {count} item{'s' if count != 1 else ''} per user"
+    return f"{holdout}: {fraction:.0%} of each user's training items"
+
+
 def cmd_info(args) -> int:
     """What an env is: its YAML, versions, base model, chain, spaces, reward and dataset."""
     from refit_gym.envs.factory import build_env_parts
@@ -293,7 +302,8 @@ def cmd_info(args) -> int:
     print(f"  base model   {model.name} ({type(model).__module__}), state x_t of {core.state_dim} values, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"  chain        T = {core.steps} reverse steps, the agent takes the last {core.exposed_steps} "
-          f"(episode length), action_mode {core.action_mode}, hold-out {core.holdout} {core.holdout_fraction:g}")
+          f"(episode length), action_mode {core.action_mode}, "
+          f"hold-out {holdout_text(core.holdout, core.holdout_fraction, core.holdout_count)}")
     print(f"  observation  {single_observation_space(core)}")
     print(f"  action       {single_action_space(core)}")
     print(f"  reward       {json.dumps(core.config()['reward'])}")

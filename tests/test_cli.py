@@ -138,6 +138,7 @@ def test_info_plot_and_pointers_to_checkpoints(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ReFiT-Synthetic-v0" in out and "T = 10 reverse steps" in out and "synthetic.yaml" in out
     assert "Box(-10.0, 10.0, (298,), float32)" in out and "HeldOutLogLikelihood" in out
+    assert "hold-out recent: 25% of each user's training items" in out
     for name, shift in (("a", 0.0), ("b", 0.1)):
         (tmp_path / name).mkdir()
         rows = "\n".join(f"{u},{-5 + u * 0.1 + shift},{0.1 + u * 0.01}" for u in range(1, 6))
@@ -150,3 +151,12 @@ def test_info_plot_and_pointers_to_checkpoints(tmp_path, capsys):
     (tmp_path / "run" / "finetuned" / "config.json").write_text("{}")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "valid"]) == 2
     assert "the checkpoints inside it are" in capsys.readouterr().err
+
+
+def test_info_says_how_much_each_hold_out_hides():
+    from refit_gym.cli import holdout_text
+
+    assert holdout_text("recent", 0.25, None) == "recent: 25% of each user's training items"
+    assert holdout_text("recent", 0.25, 1) == "recent: 1 item per user"  # the sequential scenarios: the count wins
+    assert holdout_text("random", 0.25, 5) == "random: 5 items per user"
+    assert holdout_text("none", 0.25, None) == "none"
