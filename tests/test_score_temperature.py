@@ -18,7 +18,7 @@ import torch
 from refit_gym.checkpoint import save_checkpoint
 from refit_gym.config import config_from_dict
 from refit_gym.data import load_dataset
-from refit_gym.errors import ConfigError
+from refit_gym.errors import ConfigError, DataError
 from refit_gym.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,17 +78,54 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_a_checkpoint_end_to_end_and_its_uniform_limit(tmp_path):
-    folder = checkpoint(tmp_path, write_pickle(tmp_path / "seq"))
-    done = run("--pretrained", str(folder), "--temperatures", "1", "1e9", "--users", "30", "--batch-size", "7")
+@pytest.mark.parametrize("mask", [True, False])
+def test_a_checkpoint_end_to_end_and_its_uniform_limit(tmp_path, mask):
+    """A huge tau is the uniform model over the items the softmax ranks: all 15, or those not in the history."""
+    data_folder = write_pickle(tmp_path / "seq")
+    folder = checkpoint(tmp_path, data_folder)
+    done = run("--pretrained", str(folder), "--temperatures", "1", "1e9", "--users", "30", "--batch-size", "7",
+               *([] if mask else ["--no-mask"]))
     assert done.returncode == 0, done.stderr
     assert "30 validation users" in done.stdout and "15 items" in done.stdout
     rows = [line.split("|")[1:3] for line in done.stdout.splitlines() if line.startswith("| 1")]
     assert [tau.strip() for tau, _ in rows] == ["1", "1e+09"]
-    assert float(rows[1][1].split()[0]) == pytest.approx(math.log(15), abs=1e-3)
+    data = load_dataset(str(data_folder))
+    users = np.random.default_rng(0).choice(40, 30, replace=False)  # the script's draw (--seed 0)
+    ranked = [15 - len(set(data.train_sequences[u].tolist())) if mask else 15 for u in users]
+    assert float(rows[1][1].split()[0]) == pytest.approx(np.mean(np.log(ranked)), abs=1e-3)
 
 
 def test_users_without_exactly_one_validation_item_are_refused(bench, tmp_path):
     data = load_dataset(str(write_pickle(tmp_path / "seq", no_valid_item=True)))
-    with pytest.raises(ConfigError, match="exactly one validation item.*1 users do not"):
+    with pytest.raises(DataError, match="exactly one validation item.*1 users do not"):
         bench.validation_targets(data)
+
+
+class LastItemScores:
+    """A deterministic recommender: item ``i`` scores ``10 * cos(i - the newest history item)``."""
+
+    def score(self, history):
+        newest = (history.visible.long() * torch.arange(history.items.shape[1])).argmax(1, keepdim=True)
+        last = history.items.gather(1, newest).float()
+        return 10 * torch.cos(torch.arange(15).float()[None, :] - last)
+
+
+@pytest.mark.parametrize("mask_history", [True, False])
+def test_each_user_is_scored_against_its_own_validation_item(bench, tmp_path, mask_history):
+    """Against a reference that scores one user at a time, with the user's training items masked or not."""
+    data = load_dataset(str(write_pickle(tmp_path / "seq")))
+    users = np.array([3, 7, 8, 20, 31, 39])
+    nll, _ = bench.validation_nll(LastItemScores(), data, users, [1.0, 5.0], batch_size=4, mask_history=mask_history)
+    reference = []
+    for tau in (1.0, 5.0):
+        total = 0.0
+        for user in users:
+            train, valid = data.train_sequences[user], int(data.split("valid")[user].indices[0])
+            scores = 10 * torch.cos(torch.arange(15).float() - float(train[-1]))
+            if mask_history:
+                scores[torch.as_tensor(np.asarray(train))] = float("-inf")
+            total -= float(torch.log_softmax(scores / tau, 0)[valid])
+        reference.append(total / len(users))
+    assert nll == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(ConfigError, match="no users"):
+        bench.validation_nll(LastItemScores(), data, np.array([], dtype=np.int64), [1.0])
