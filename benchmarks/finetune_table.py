@@ -491,7 +491,8 @@ def main() -> None:
         summary["test"] = test
     # read after training: a SASRec run may finish while the diffusion models train
     reference = baselines(output, protocol, dataset, args.pretrain_seeds, sasrec_results)
-    reference_name = reference_name if reference_name in reference else "popularity"  # --without-sasrec
+    if args.without_sasrec:
+        reference_name = "popularity"
 
     # ---- rows
     pair = " / ".join(tested)

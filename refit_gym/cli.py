@@ -281,7 +281,7 @@ def holdout_text(holdout: str, fraction: float, count: Optional[int]) -> str:
         return "none"
     if count is not None:
         return f"{holdout}: {count} item{'s' if count != 1 else ''} per user"
-    return f"{holdout}: {fraction:.0%} of each user's training items"
+    return f"{holdout}: {100 * fraction:g}% of each user's training items"
 
 
 def cmd_info(args) -> int:

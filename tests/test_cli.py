@@ -157,6 +157,7 @@ def test_info_says_how_much_each_hold_out_hides():
     from refit_gym.cli import holdout_text
 
     assert holdout_text("recent", 0.25, None) == "recent: 25% of each user's training items"
+    assert holdout_text("random", 0.125, None) == "random: 12.5% of each user's training items"
     assert holdout_text("recent", 0.25, 1) == "recent: 1 item per user"  # the sequential scenarios: the count wins
     assert holdout_text("random", 0.25, 5) == "random: 5 items per user"
     assert holdout_text("none", 0.25, None) == "none"
