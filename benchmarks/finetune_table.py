@@ -62,7 +62,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from scipy import stats
 
@@ -254,8 +254,8 @@ def test_unit(spec: dict) -> dict:
     return result.metrics["test"]
 
 
-def baselines(output: Path, protocol: str, dataset: str, seeds: list[int],
-              sasrec_results: Union[str, None, bool]) -> dict:
+def baselines(output: Path, protocol: str, dataset: str, seeds: list[int], sasrec_results: Optional[str],
+              without_sasrec: bool = False) -> dict:
     """The protocol's baselines, tuned on validation, tested once (written to ``baselines.json``; the
     ``cf`` ones, computed here at some cost, are read back from it).
 
@@ -263,7 +263,7 @@ def baselines(output: Path, protocol: str, dataset: str, seeds: list[int],
     ``sequential``: popularity and SASRec from the ``results.json`` of a finished
     ``benchmarks/sasrec_baseline.py`` run on the same dataset and seeds (``--sasrec-results``; its
     settings were chosen on validation, one model per seed, test computed once per model): the
-    entry's ``seeds`` hold every seed's metrics. ``sasrec_results=False`` (``--without-sasrec``):
+    entry's ``seeds`` hold every seed's metrics; with ``without_sasrec`` (``--without-sasrec``),
     popularity alone, computed here.
     """
     path = output / "baselines.json"
@@ -287,17 +287,18 @@ def baselines(output: Path, protocol: str, dataset: str, seeds: list[int],
             metrics = evaluate(model, data, splits=("valid", "test"), ks=(10, 20, 50, 100)).metrics
             out[name] = {"chosen_on_valid": chosen, **metrics}
     else:
-        out = sequential_baselines(dataset, seeds, sasrec_results)
+        out = sequential_baselines(dataset, seeds, sasrec_results, without_sasrec)
     path.write_text(json.dumps(out, indent=2))
     return out
 
 
-def sequential_baselines(dataset: str, seeds: list[int], sasrec_results: Union[str, None, bool]) -> dict[str, dict]:
+def sequential_baselines(dataset: str, seeds: list[int], sasrec_results: Optional[str],
+                         without_sasrec: bool = False) -> dict[str, dict]:
     """Popularity and SASRec read from a ``benchmarks/sasrec_baseline.py`` result, or popularity alone
-    (``sasrec_results=False``; see :func:`baselines`)."""
+    (``without_sasrec``; see :func:`baselines`)."""
     command = (f"python benchmarks/sasrec_baseline.py --dataset {dataset} --seeds {' '.join(map(str, seeds))} "
                "--output runs/sasrec_<dataset>")
-    if sasrec_results is False:
+    if without_sasrec:
         from refit_gym.baselines import PopularityRecommender, fit_baseline
         from refit_gym.data import load_dataset
         from refit_gym.evaluation.evaluator import evaluate
@@ -466,7 +467,6 @@ def main() -> None:
 
     if args.without_sasrec and (protocol != "sequential" or args.sasrec_results):
         raise SystemExit("--without-sasrec is for a sequential table given no --sasrec-results")
-    sasrec_results = False if args.without_sasrec else args.sasrec_results
     if protocol == "sequential" and not args.without_sasrec and not args.sasrec_results:
         sequential_baselines(dataset, args.pretrain_seeds, None)  # refuses, with the command to run, before training
     started = time.perf_counter()
@@ -490,7 +490,7 @@ def main() -> None:
     for summary, test in zip(pretrained + finetuned, tests):
         summary["test"] = test
     # read after training: a SASRec run may finish while the diffusion models train
-    reference = baselines(output, protocol, dataset, args.pretrain_seeds, sasrec_results)
+    reference = baselines(output, protocol, dataset, args.pretrain_seeds, args.sasrec_results, args.without_sasrec)
     if args.without_sasrec:
         reference_name = "popularity"
 

@@ -142,7 +142,7 @@ def test_without_sasrec_the_sequential_baseline_is_popularity_counted_here(table
     val = {u: [(u + 5) % 25 + 1] for u in range(30)}
     test = {u: [(u + 6) % 25 + 1] for u in range(30)}
     (folder / "dataset.pkl").write_bytes(pickle.dumps({"train": train, "val": val, "test": test}))
-    out = table.sequential_baselines(str(folder), [0, 1, 2], False)
+    out = table.sequential_baselines(str(folder), [0, 1, 2], None, without_sasrec=True)
     data = load_dataset(str(folder))
     reference = evaluate(fit_baseline(PopularityRecommender(), data), data, ks=(5, 10, 20), protocol="sequential")
     assert list(out) == ["popularity"] and out["popularity"]["chosen_on_valid"] == {}
