@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,14 +30,17 @@ from refit_gym.data import load_dataset
 from refit_gym.data.history import SequenceTable
 from refit_gym.errors import ConfigError, DataError
 from refit_gym.evaluation.evaluator import EvaluationProtocol, protocol_from_config
+from refit_gym.rewards.functional import masked_log_softmax
 
 
-def temperature_nll(scores: torch.Tensor, targets: torch.Tensor, temperatures: list[float]) -> list[float]:
-    """Per temperature, the summed ``-log softmax(scores / tau)[target]`` over the rows of ``scores``."""
+def temperature_nll(scores: torch.Tensor, targets: torch.Tensor, temperatures: list[float],
+                    visible: Optional[torch.Tensor] = None) -> list[float]:
+    """Per temperature, the summed ``-log p(target)`` over the rows of ``scores``, ``p`` the rewards' own
+    ``masked_log_softmax(scores, visible, tau)`` (``visible``: the masked input items; ``None``: none)."""
     if any(not tau > 0 for tau in temperatures):
         raise ConfigError(f"temperatures must be positive, got {temperatures}")
-    picked = scores.gather(1, targets[:, None]).squeeze(1)
-    return [float((torch.logsumexp(scores / tau, dim=1) - picked / tau).sum()) for tau in temperatures]
+    visible = torch.zeros_like(scores, dtype=torch.bool) if visible is None else visible
+    return [float(-masked_log_softmax(scores, visible, tau).gather(1, targets[:, None]).sum()) for tau in temperatures]
 
 
 def validation_targets(data) -> np.ndarray:
@@ -64,9 +68,8 @@ def validation_nll(recommender, data, users: np.ndarray, temperatures: list[floa
             history = table.batch(batch)
             scores = recommender.score(history).float()
             spread += float(scores.std(dim=1).sum())
-            if mask_history:
-                scores = scores.masked_fill(history.item_mask(), float("-inf"))
-            totals += temperature_nll(scores, targets[batch], temperatures)
+            visible = history.item_mask() if mask_history else None
+            totals += temperature_nll(scores, targets[batch], temperatures, visible)
     return list(totals / len(users)), spread / len(users)
 
 

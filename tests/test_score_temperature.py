@@ -37,7 +37,8 @@ def test_the_nll_is_the_cross_entropy_of_the_scaled_scores(bench):
     scores = torch.randn(7, 11, generator=torch.Generator().manual_seed(0)) * 30
     targets = torch.tensor([0, 3, 10, 5, 5, 1, 9])
     temperatures = [1.0, 8.0, 80.0]
-    reference = [float(torch.nn.functional.cross_entropy(scores / tau, targets, reduction="sum")) for tau in temperatures]
+    reference = [float(torch.nn.functional.cross_entropy(scores / tau, targets, reduction="sum"))
+                 for tau in temperatures]
     assert bench.temperature_nll(scores, targets, temperatures) == pytest.approx(reference, rel=1e-5)
     assert bench.temperature_nll(scores, targets, [1e9])[0] / 7 == pytest.approx(math.log(11), abs=1e-6)
     with pytest.raises(ConfigError, match="temperatures must be positive"):
