@@ -20,7 +20,8 @@ Rows:
   ``diffrec``, ``tdiffrec``, ``cfdiff``, ``beauty_seq``, ``beauty_dreamrec``, ...) and each
   ``--pretrain-seeds`` seed, pretrained until it has converged (selected on validation), or taken
   from a checkpoint pretrained elsewhere (``--base-checkpoint BASE:SEED=PATH``: its model, diffusion,
-  dataset and seed are checked against the base's config);
+  dataset and seed are checked against the base's config; a control's continued pretraining from
+  such a base, e.g. ``<output>/finetune/<base>-pS-continued-f0``, is a longer-trained base of seed S);
 * **fine-tuned models**: each ``--runs`` recipe (see :data:`RUNS`) from each pretrained
   checkpoint, for each ``--finetune-seeds`` seed (``--updates`` updates, or a recipe's own
   ``--run-updates``, capped by ``--budget`` seconds), selected on validation.
@@ -168,32 +169,57 @@ def _identity(experiment: dict) -> dict:
                for key, value in experiment.get(section, {}).items()}}
 
 
+def _stages(source: Path) -> list[Path]:
+    """The checkpoints ``source`` was trained through, the first (the freshly initialised one) first:
+    continued pretraining records in its ``run.json`` the checkpoint it started from (``init_from``)."""
+    stages = [source]
+    while True:
+        record = stages[0] / "run.json"
+        parent = json.loads(record.read_text())["config"].get("init_from") if record.is_file() else None
+        if parent in (None, "None"):
+            return stages
+        if not Path(parent).is_dir():
+            raise SystemExit(f"--base-checkpoint {source} was continued from {parent}, which is not a directory "
+                             "(the first stage's seed names the base; run from the folder the path is relative to)")
+        if Path(parent).resolve() in [stage.resolve() for stage in stages]:
+            raise SystemExit(f"--base-checkpoint {source}: its init_from records form a loop at {parent}")
+        stages.insert(0, Path(parent))
+
+
 def import_unit(spec: dict) -> dict:
-    """A base pretrained elsewhere (``--base-checkpoint``, e.g. by ``refit-gym pretrain``), checked against
-    the base's config (model, diffusion, dataset, seed), copied into the unit's folder and summarised from
-    its own ``metrics.json`` (selected on validation when it was trained)."""
+    """A base pretrained elsewhere (``--base-checkpoint``, e.g. by ``refit-gym pretrain``, or a control's
+    continued pretraining from such a base), checked against the base's config (model, diffusion, dataset,
+    and the seed of its first stage: continued pretraining keeps the base's identity), copied into the
+    unit's folder and summarised from its own ``metrics.json`` (selected on validation when it was trained;
+    seconds summed over its stages)."""
     import shutil
 
     from refit_gym.checkpoint import read_checkpoint_config
 
     source, folder = Path(spec["checkpoint"]), Path(spec["folder"])
+    stages = _stages(source)
     saved = read_checkpoint_config(source)["experiment"]
+    first_seed = read_checkpoint_config(stages[0])["experiment"].get("seed")
     config = _config(spec["base"], spec["seed"], spec["sets"]).to_dict()
-    expected, found = _identity(config), _identity(saved)
+    expected, found = _identity(config), _identity({**saved, "seed": first_seed})
     differs = [key for key in sorted(set(expected) | set(found)) if expected.get(key) != found.get(key)]
     if differs:
         detail = "; ".join(f"{key}: the checkpoint has {found.get(key)}, the base {expected.get(key)}" for key in differs)
         raise SystemExit(f"--base-checkpoint {source} is not {spec['base']} with seed {spec['seed']} ({detail})")
-    metrics = source / "metrics.json"
-    if not metrics.is_file():
-        raise SystemExit(f"--base-checkpoint {source}: metrics.json is missing (an unfinished pretraining run?)")
-    run = json.loads(metrics.read_text())
-    if run.get("stage") != "pretrain":
-        raise SystemExit(f"--base-checkpoint {source} is a {run.get('stage')} checkpoint, not a pretrained base")
+    runs = []
+    for stage in stages:
+        metrics = stage / "metrics.json"
+        if not metrics.is_file():
+            raise SystemExit(f"--base-checkpoint {source}: {metrics} is missing (an unfinished pretraining run?)")
+        runs.append(json.loads(metrics.read_text()))
+        if runs[-1].get("stage") != "pretrain":
+            raise SystemExit(f"--base-checkpoint {source}: {stage} is a {runs[-1].get('stage')} checkpoint, "
+                             "not a pretrained base")
+    run, earlier = runs[-1], sum(r["seconds"] for r in runs[:-1])
     shutil.copytree(source, folder, dirs_exist_ok=True)
-    summary = {"spec": spec, "valid": run["metrics"]["valid"], "seconds": run["seconds"],
-               "seconds_to_best": run["seconds_to_best"], "best_epoch": run["best_epoch"],
-               "epochs": run["epochs_run"]}
+    summary = {"spec": spec, "valid": run["metrics"]["valid"], "seconds": earlier + run["seconds"],
+               "seconds_to_best": earlier + run["seconds_to_best"], "best_epoch": run["best_epoch"],
+               "epochs": run["epochs_run"], "stages": [str(stage) for stage in stages]}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -437,8 +463,9 @@ def main() -> None:
                         help="a sequential table without SASRec: popularity is then its only baseline and the "
                              "reference of its tests (the table says so); for comparing fine-tuning arms")
     parser.add_argument("--base-checkpoint", action="append", default=[], metavar="BASE:SEED=PATH",
-                        help="a base pretrained elsewhere (refit-gym pretrain) instead of pretraining it here; "
-                             "its model, diffusion, dataset and seed must be the base's")
+                        help="a base pretrained elsewhere (refit-gym pretrain, or another table's continued "
+                             "pretraining from one) instead of pretraining it here; its model, diffusion, dataset "
+                             "and first stage's seed must be the base's")
     parser.add_argument("--compile-only", action="store_true", help="train nothing; tabulate what is finished")
     args = parser.parse_args()
     output = Path(args.output)
@@ -574,7 +601,8 @@ def main() -> None:
                     cells.append(f"{difference:+.4f}, p {p:.1e}")
                 comparisons.append(f"| {base} | {a} | {b} | " + " | ".join(cells) + " |")
     seconds = [(f"{s['spec']['base']}-p{s['spec']['seed']}"
-                + (f" (trained elsewhere: {s['spec']['checkpoint']})" if s["spec"].get("checkpoint") else ""),
+                + (f" (trained elsewhere: {' -> '.join(s.get('stages', [s['spec']['checkpoint']]))})"
+                   if s["spec"].get("checkpoint") else ""),
                 s["seconds"], s["seconds_to_best"]) for s in pretrained]
     timing = ["| pretrained model | seconds | seconds to the best epoch |", "|---|---|---|"]
     timing += [f"| {name} | {total:.0f} | {best:.0f} |" for name, total, best in seconds]

@@ -120,6 +120,49 @@ def test_a_base_checkpoint_of_another_model_or_seed_is_refused_by_name(table, ti
     assert not (tmp_path / "p").exists()
 
 
+@pytest.fixture
+def tiny_continued(tiny_pretrained, tiny_data, tmp_path, monkeypatch):
+    """The tiny base continued for 2 epochs with seed 3 (as the ``continued`` control does, with its own
+    fine-tuning seed), recorded relative to the working folder as the table's runs record it."""
+    from conftest import TINY_EXPERIMENT
+    from refit_gym.config import config_from_dict
+    from refit_gym.training.pretrain import pretrain
+
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_pretrained, "base")
+    config = config_from_dict({**TINY_EXPERIMENT, "seed": 3})
+    config.pretrain.max_epochs, config.pretrain.min_epochs, config.pretrain.eval_every = 2, 0, 1
+    pretrain(config, tiny_data, output_dir="continued", progress=False, log=lambda _: None, init_from="base")
+    return Path("continued")
+
+
+def test_a_continued_base_keeps_the_seed_of_its_first_stage_and_sums_its_seconds(table, tiny_continued,
+                                                                                 tiny_base_config):
+    spec = {"base": "tiny", "seed": 0, "sets": [], "folder": "pretrain/tiny-p0", "checkpoint": str(tiny_continued)}
+    summary = table.pretrain_unit(spec)
+    first, last = (json.loads((Path(f) / "metrics.json").read_text()) for f in ("base", tiny_continued))
+    assert summary["stages"] == ["base", "continued"]
+    assert summary["valid"] == last["metrics"]["valid"] and summary["epochs"] == last["epochs_run"] == 2
+    assert summary["seconds"] == pytest.approx(first["seconds"] + last["seconds"])
+    assert summary["seconds_to_best"] == pytest.approx(first["seconds"] + last["seconds_to_best"])
+    assert (Path(spec["folder"]) / "model.safetensors").read_bytes() == (tiny_continued / "model.safetensors").read_bytes()
+
+
+def test_a_continued_base_of_another_seed_or_a_lost_first_stage_is_refused_by_name(table, tiny_continued,
+                                                                                  tiny_base_config):
+    import shutil
+
+    spec = {"base": "tiny", "seed": 3, "sets": [], "folder": "p", "checkpoint": str(tiny_continued)}
+    with pytest.raises(SystemExit, match="seed: the checkpoint has 0, the base 3"):  # 3 is the continuation's seed
+        table.pretrain_unit(spec)
+    shutil.rmtree("base")
+    with pytest.raises(SystemExit, match="was continued from base, which is not a directory"):
+        table.pretrain_unit({**spec, "seed": 0})
+    assert not Path("p").exists()
+
+
 def test_base_checkpoint_items_are_parsed_and_bad_ones_refused(table, tmp_path):
     assert table.base_checkpoints([f"tiny:2={tmp_path}"], ["tiny"], [0, 2]) == {("tiny", 2): str(tmp_path)}
     for item in [f"tiny:1={tmp_path}", f"other:0={tmp_path}", "tiny:0=", f"tiny={tmp_path}"]:
