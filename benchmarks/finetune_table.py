@@ -78,6 +78,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "refit_mix_holdout5": {"pretrain_loss_weight": 1.0, "holdout_count": 5},  # refit_mix hiding each user's last 5 items
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
     "no_collab": {"pg_weight": 0.0},
+    # without early stopping: the run ends at --updates or --budget, still selected on validation
+    "refit_full_budget": {"patience": 10**6},
+    "no_collab_full_budget": {"pg_weight": 0.0, "patience": 10**6},
     "random_holdout": {"holdout": "random"},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
