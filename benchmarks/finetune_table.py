@@ -178,8 +178,8 @@ def _stages(source: Path) -> list[Path]:
     stages = [source]
     while True:
         record = stages[0] / "run.json"
-        parent = json.loads(record.read_text())["config"].get("init_from") if record.is_file() else None
-        if parent in (None, "None"):
+        parent = json.loads(record.read_text()).get("config", {}).get("init_from") if record.is_file() else None
+        if parent in (None, "None", ""):
             return stages
         if not Path(parent).is_dir():
             raise SystemExit(f"--base-checkpoint {source} was continued from {parent}, which is not a directory "
@@ -218,11 +218,14 @@ def import_unit(spec: dict) -> dict:
         if runs[-1].get("stage") != "pretrain":
             raise SystemExit(f"--base-checkpoint {source}: {stage} is a {runs[-1].get('stage')} checkpoint, "
                              "not a pretrained base")
-    run, earlier = runs[-1], sum(r["seconds"] for r in runs[:-1])
+    selected = len(runs) - 1  # the stage whose epoch was selected: a stage that kept its start kept its parent's
+    while selected > 0 and runs[selected]["best_epoch"] == 0:
+        selected -= 1
+    run = runs[-1]
     shutil.copytree(source, folder, dirs_exist_ok=True)
-    summary = {"spec": spec, "valid": run["metrics"]["valid"], "seconds": earlier + run["seconds"],
-               "seconds_to_best": earlier + run["seconds_to_best"], "best_epoch": run["best_epoch"],
-               "epochs": run["epochs_run"], "stages": [str(stage) for stage in stages]}
+    summary = {"spec": spec, "valid": run["metrics"]["valid"], "seconds": sum(r["seconds"] for r in runs),
+               "seconds_to_best": sum(r["seconds"] for r in runs[:selected]) + runs[selected]["seconds_to_best"],
+               "best_epoch": run["best_epoch"], "epochs": run["epochs_run"], "stages": [str(stage) for stage in stages]}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -1,4 +1,5 @@
-"""benchmarks/finetune_table.py: the parts a results table rests on, checked without training anything."""
+"""benchmarks/finetune_table.py: the parts a results table rests on, checked without training anything
+but the tiny bases of ``conftest``."""
 
 from __future__ import annotations
 
@@ -148,6 +149,11 @@ def test_a_continued_base_keeps_the_seed_of_its_first_stage_and_sums_its_seconds
     assert summary["seconds"] == pytest.approx(first["seconds"] + last["seconds"])
     assert summary["seconds_to_best"] == pytest.approx(first["seconds"] + last["seconds_to_best"])
     assert (Path(spec["folder"]) / "model.safetensors").read_bytes() == (tiny_continued / "model.safetensors").read_bytes()
+    # a continuation that found nothing better keeps its start: the base's best came in the first stage
+    (tiny_continued / "metrics.json").write_text(json.dumps({**last, "best_epoch": 0, "seconds_to_best": 0.0}))
+    kept = table.pretrain_unit({**spec, "folder": "pretrain/tiny-p0-kept"})
+    assert kept["seconds_to_best"] == pytest.approx(first["seconds_to_best"])
+    assert kept["seconds"] == pytest.approx(first["seconds"] + last["seconds"])
 
 
 def test_a_continued_base_of_another_seed_or_a_lost_first_stage_is_refused_by_name(table, tiny_continued,
