@@ -76,6 +76,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "refit_mix": {"pretrain_loss_weight": 1.0},  # refit + the model's own training loss (agents/pretraining_mix.py)
     "mix_no_collab": {"pretrain_loss_weight": 1.0, "pg_weight": 0.0},  # refit_mix without its policy-gradient term
     "refit_mix_holdout5": {"pretrain_loss_weight": 1.0, "holdout_count": 5},  # refit_mix hiding each user's last 5 items
+    "mix_holdout5_no_collab": {"pretrain_loss_weight": 1.0, "holdout_count": 5, "pg_weight": 0.0},  # its ablation
     "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
     "no_collab": {"pg_weight": 0.0},
     # without early stopping: the run ends at --updates or --budget, still selected on validation
