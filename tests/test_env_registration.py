@@ -68,7 +68,7 @@ def test_synthetic_base_is_pretrained_once_and_cached_on_disk(tmp_path, monkeypa
     factory.clear_caches()
     try:
         env = gym.make("ReFiT-Synthetic-v0")  # the default: pretrained base, built on first use
-        checkpoints = list((tmp_path / "refit_gym" / "checkpoints").iterdir())
+        checkpoints = [p for p in (tmp_path / "refit_gym" / "checkpoints").iterdir() if p.name != ".locks"]
         assert len(checkpoints) == 1 and checkpoints[0].name.startswith("synthetic-diffrec-")
         assert (checkpoints[0] / "model.safetensors").is_file()
         again = gym.make("ReFiT-Synthetic-v0")

@@ -122,7 +122,26 @@ def test_the_pretraining_behind_gym_make_resumes_after_a_kill(tmp_path):
     (resumed,) = checkpoints.glob("*-diffrec-*")
     (uninterrupted,) = (tmp_path / "reference" / "refit_gym" / "checkpoints").glob("*-diffrec-*")
     assert (resumed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
-    assert not list(checkpoints.glob(".*"))  # no staging folder left behind
+    assert not list(checkpoints.glob(".*.partial"))  # no staging folder left behind
+
+
+def test_processes_that_miss_the_same_cache_entry_at_once_pretrain_it_once(tmp_path):
+    """The workers of an asynchronous vector env (or parallel test workers) build the same env on a
+    fresh machine together: one pretrains, the others wait and load its checkpoint (before the
+    cache's lock, two trained into one staging folder and one crashed on a file the other moved)."""
+    script = ("import gymnasium as gym, refit_gym, torch; "
+              "env = gym.make('ReFiT-Synthetic-v0', dataset='synthetic:n_users=400,n_items=200,seed=4'); "
+              "print(float(sum(p.double().sum() for p in env.unwrapped.base_model.parameters())))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path)}
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    pretrained = [err for _, err in outputs if "pretraining it now" in err]
+    assert len(pretrained) == 1, [err[-2000:] for _, err in outputs]
+    assert outputs[0][0] == outputs[1][0]  # the same weights
+    checkpoints = tmp_path / "refit_gym" / "checkpoints"
+    assert len(list(checkpoints.glob("*-diffrec-*"))) == 1 and not list(checkpoints.glob(".*.partial"))
 
 
 # ------------------------------------------------------------------ the rules of a run folder

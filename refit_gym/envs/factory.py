@@ -28,13 +28,7 @@ from refit_gym.envs.scenarios import CHAIN_KWARGS, EnvConfig, Scenario, scenario
 from refit_gym.errors import ConfigError
 from refit_gym.models import BaseModel
 from refit_gym.rewards.base import RewardTerm, StepShaping
-from refit_gym.training.cache import (
-    cached_checkpoint,
-    frozen_base_model,
-    is_cached,
-    pretrained_checkpoint,
-    staging_folder,
-)
+from refit_gym.training.cache import cached_checkpoint, frozen_base_model, pretrained_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +73,16 @@ def _torch_threads(n: Optional[int]):
 def _pretrain_on_first_use(scenario: Scenario, env: EnvConfig, config: ExperimentConfig, data: InteractionData,
                            progress: bool) -> BaseModel:
     """The cached pretrained base; pretrained now (logged first: it can take minutes) when missing."""
-    if not is_cached(cached_checkpoint(config, data)):
-        resuming = (staging_folder(config, data) / "run.json").is_file()
+    def announce(resuming: bool) -> None:
         logger.warning("%s: no pretrained %s in the cache (%s); %s now, once (its pretrain section caps it at %s "
                        "epochs%s; interrupting keeps the progress)", scenario.env_id, config.model.name,
                        cached_checkpoint(config, data),
                        "resuming the interrupted pretraining" if resuming else "pretraining it",
                        config.pretrain.max_epochs,
                        f" and {config.pretrain.time_budget_s:.0f} s" if config.pretrain.time_budget_s else "")
+
     with torch.random.fork_rng(devices=[]), _torch_threads(env.pretrain_threads):
-        directory = pretrained_checkpoint(config, data, progress=progress, log=logger.info)
+        directory = pretrained_checkpoint(config, data, progress=progress, log=logger.info, on_miss=announce)
     return load_checkpoint(directory, data, device="cpu")[0]
 
 

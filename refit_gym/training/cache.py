@@ -10,13 +10,17 @@ Two levels:
   every environment built in the process.
 
 The pretraining code is imported only when a checkpoint is missing, so building an environment
-over a cached model never loads it.
+over a cached model never loads it. Processes that miss the same entry at once (the workers of an
+asynchronous vector env, parallel test workers, two notebooks) pretrain it once: the first holds a
+lock file (``<cache_dir>/.locks/<entry>.lock``) while it trains, the others wait and then load it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -34,6 +38,7 @@ from refit_gym.models import BaseModel, build_model
 
 _FROZEN: dict[tuple[str, str], BaseModel] = {}
 _LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 def default_checkpoint_cache() -> Path:
@@ -91,19 +96,52 @@ def is_cached(directory: Path) -> bool:
     return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
 
 
+def lock_file(directory: Path) -> Path:
+    """The lock a process holds while it pretrains the cache entry ``directory``."""
+    return directory.parent / ".locks" / f"{directory.name}.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` while the block runs, waiting (with a warning) for the process
+    that holds it. The system releases the lock when its holder ends, killed or not, so a killed
+    pretraining blocks no one. Where ``fcntl`` is missing (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another process is pretraining this model (it holds %s); waiting for it", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def pretrained_checkpoint(
     config: ExperimentConfig,
     data: InteractionData,
     cache_dir: Optional[str | Path] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_miss: Optional[Callable[[bool], None]] = None,
 ) -> Path:
     """The checkpoint of ``config``'s base model pretrained on ``data``, from the cache or trained now.
 
     A checkpoint is trained in the staging folder ``.<name>.partial`` and renamed into place
     when it is done, so the cache never holds a half-trained entry. An interrupted pretraining
     (Ctrl-C, a killed process) leaves its staging folder, and the next call resumes it from its
-    last evaluation instead of starting again.
+    last evaluation instead of starting again. One process at a time trains an entry
+    (:func:`lock_file`); another that misses it meanwhile waits, then loads what the first cached.
+
+    ``on_miss(resuming)`` is called, under the lock, just before this process pretrains (e.g. to
+    warn that it takes minutes); ``resuming``: an interrupted pretraining is resumed.
     """
     import shutil
 
@@ -119,21 +157,26 @@ def pretrained_checkpoint(
         raise ConfigError(f"no pretrained {config.model.name} in the cache ({directory}) and this is one of several "
                           "torchrun processes: pretrain it first (`refit-gym pretrain`, data-parallel too) and pass "
                           "--pretrained DIR")
-    staging = staging_folder(config, data, cache_dir)
-    resume = read_run(staging) is not None
-    log(f"{'resuming' if resume else 'starting'} the pretraining of {config.model.name} on {data.name}: at most "
-        f"{config.pretrain.max_epochs} epochs" + (f" or {config.pretrain.time_budget_s:.0f} s"
-                                                   if config.pretrain.time_budget_s else "")
-        + f"; cached in {directory} when done (interrupting keeps the progress in {staging.name})")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    if staging.exists() and not resume:
-        shutil.rmtree(staging)
-    pretrain(config, data, output_dir=staging, progress=progress, log=log, resume=resume,
-             record_config=cache_identity(config, data))
-    try:
-        os.replace(staging, directory)
-    except OSError:  # another process cached it first: keep that one
-        shutil.rmtree(staging, ignore_errors=True)
+    with _exclusive(lock_file(directory)):
+        if is_cached(directory):
+            log(f"using the pretrained model another process cached meanwhile: {directory}")
+            return directory
+        staging = staging_folder(config, data, cache_dir)
+        resume = read_run(staging) is not None
+        if on_miss is not None:
+            on_miss(resume)
+        log(f"{'resuming' if resume else 'starting'} the pretraining of {config.model.name} on {data.name}: at "
+            f"most {config.pretrain.max_epochs} epochs" + (f" or {config.pretrain.time_budget_s:.0f} s"
+                                                            if config.pretrain.time_budget_s else "")
+            + f"; cached in {directory} when done (interrupting keeps the progress in {staging.name})")
+        if staging.exists() and not resume:
+            shutil.rmtree(staging)
+        pretrain(config, data, output_dir=staging, progress=progress, log=log, resume=resume,
+                 record_config=cache_identity(config, data))
+        try:
+            os.replace(staging, directory)
+        except OSError:  # cached first by a process that held no lock (no fcntl): keep that one
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -193,6 +236,7 @@ __all__ = [
     "default_checkpoint_cache",
     "fresh_model",
     "frozen_base_model",
+    "lock_file",
     "pretrained_checkpoint",
     "train_fingerprint",
 ]
