@@ -251,7 +251,7 @@ def test_a_model_and_a_scenario_of_your_own_run_without_editing_the_library(tmp_
     with pytest.warns(UserWarning):
         check_env(env.unwrapped)
     assert type(env.unwrapped.base_model).__name__ == "ToyModel"
-    assert list((tmp_path / "cache" / "refit_gym" / "checkpoints").iterdir())
+    assert list((tmp_path / "cache" / "refit_gym" / "checkpoints").glob("*-toy_model.ToyModel-*/model.safetensors"))
 
     from agents.config import finetune_config
     from agents.trainer import build_learner

@@ -273,3 +273,40 @@ def test_test_metrics_of_finished_runs_are_computed_on_the_runs_device(tmp_path,
     test = table.test_unit({"base": "synthetic", "sets": [f"data.dataset={DATASET}", "device=cpu"],
                             "folder": str(base)})
     assert devices == ["cpu"] and test == json.loads((base / "test.json").read_text())
+
+
+def _tiny_cache_config():
+    from refit_gym.config import config_from_dict
+
+    return config_from_dict({**TINY_EXPERIMENT, "pretrain": {**TINY_EXPERIMENT["pretrain"], "max_epochs": 5,
+                                                             "min_epochs": 5}})
+
+
+def test_a_cache_on_a_file_system_without_locks_pretrains_unlocked_with_a_warning(tmp_path, tiny_data, monkeypatch,
+                                                                                   caplog):
+    import errno
+    import fcntl
+
+    from refit_gym.training.cache import is_cached, pretrained_checkpoint
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    directory = pretrained_checkpoint(_tiny_cache_config(), tiny_data, cache_dir=tmp_path, progress=False,
+                                      log=lambda _: None)
+    assert is_cached(directory)
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_cache_entry_folder_holding_no_checkpoint_is_refused_by_name_and_the_training_kept(tmp_path, tiny_data):
+    from refit_gym.training.cache import cached_checkpoint, pretrained_checkpoint, staging_folder
+
+    config = _tiny_cache_config()
+    directory = cached_checkpoint(config, tiny_data, tmp_path)
+    directory.mkdir(parents=True)
+    (directory / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=f"{directory.name} exists and holds no complete checkpoint.*remove"):
+        pretrained_checkpoint(config, tiny_data, cache_dir=tmp_path, progress=False, log=lambda _: None)
+    assert (directory / "notes.txt").read_text() == "not a checkpoint"
+    assert (staging_folder(config, tiny_data, tmp_path) / "model.safetensors").is_file()

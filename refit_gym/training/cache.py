@@ -105,23 +105,30 @@ def lock_file(directory: Path) -> Path:
 def _exclusive(path: Path):
     """Hold an exclusive lock on ``path`` while the block runs, waiting (with a warning) for the process
     that holds it. The system releases the lock when its holder ends, killed or not, so a killed
-    pretraining blocks no one. Where ``fcntl`` is missing (Windows) the block runs unlocked."""
+    pretraining blocks no one. Where locks are missing (Windows, a file system without ``flock``)
+    the block runs unlocked, with a warning on such a file system."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    try:  # a lock file another user created in a shared cache may be read-only: flock works on either
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        handle = os.open(path, os.O_RDONLY)
+    try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.warning("another process is pretraining this model (it holds %s); waiting for it", path)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError as error:  # e.g. ENOLCK / ENOSYS: a network file system without flock
+            logger.warning("cannot lock %s (%s): pretraining without a lock; processes that miss the same "
+                           "model at once may collide", path, error)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def pretrained_checkpoint(
@@ -175,8 +182,12 @@ def pretrained_checkpoint(
                  record_config=cache_identity(config, data))
         try:
             os.replace(staging, directory)
-        except OSError:  # cached first by a process that held no lock (no fcntl): keep that one
-            shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            if not is_cached(directory):
+                raise ConfigError(f"{directory} exists and holds no complete checkpoint, so the model just "
+                                  f"pretrained stays in {staging}: remove {directory} and move {staging} "
+                                  "there") from None
+            shutil.rmtree(staging, ignore_errors=True)  # cached first by a process that held no lock: keep that
     return directory
 
 
