@@ -81,6 +81,12 @@ class Agent:
         )
         self.distributed = Distributed()
         self._data_parallel: Optional[nn.Module] = None
+        learning = {term: weight for term, weight in self.term_weights().items() if term != "loss_anchor"}
+        if learning and not any(weight > 0 for weight in learning.values()):
+            raise ConfigError(f"the {self.name} agent would train on nothing but its anchor: its terms "
+                              f"({', '.join(f'{term} {weight:g}' for term, weight in learning.items())}) all weigh 0 "
+                              "here (finetune.pg_weight, likelihood_weight, categorical_samples, pretrain_loss_weight); "
+                              "set one above 0")
 
     @classmethod
     def chains_per_user(cls, config: FinetuneConfig) -> int:
