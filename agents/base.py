@@ -41,6 +41,12 @@ SEES = {
 (c) the exact objective's gradient. An agent that combines terms is labelled by the most it sees."""
 
 
+TERM_SETTINGS = {"loss_likelihood": "likelihood_weight", "loss_policy_gradient": "pg_weight",
+                 "loss_gaussian_steps": "pg_weight", "loss_categorical": "categorical_samples",
+                 "loss_pretrain": "pretrain_loss_weight"}
+"""The ``finetune`` setting that weighs each named loss term (:meth:`Agent.term_weights`)."""
+
+
 class Agent:
     """Base class of the fine-tuning algorithms.
 
@@ -83,10 +89,10 @@ class Agent:
         self._data_parallel: Optional[nn.Module] = None
         learning = {term: weight for term, weight in self.term_weights().items() if term != "loss_anchor"}
         if learning and not any(weight > 0 for weight in learning.values()):
+            settings = sorted({TERM_SETTINGS[term] for term in learning if term in TERM_SETTINGS})
             raise ConfigError(f"the {self.name} agent would train on nothing but its anchor: its terms "
                               f"({', '.join(f'{term} {weight:g}' for term, weight in learning.items())}) all weigh 0 "
-                              "here (finetune.pg_weight, likelihood_weight, categorical_samples, pretrain_loss_weight); "
-                              "set one above 0")
+                              f"here; set one of {', '.join(f'finetune.{name}' for name in settings)} above 0")
 
     @classmethod
     def chains_per_user(cls, config: FinetuneConfig) -> int:

@@ -73,17 +73,17 @@ RUNS: dict[str, dict[str, Any]] = {
     "supervised": {"agent": "supervised"},
     "supervised_holdout50": {"agent": "supervised", "holdout_fraction": 0.5},
     "continued": {"continued": True},
-    "refit_mix": {"pretrain_loss_weight": 1.0},  # refit + the model's own training loss (agents/pretraining_mix.py)
+    "refit_mix": {"pretrain_loss_weight": 1.0, "pg_weight": 1.0},  # refit + the model's own training loss (agents/pretraining_mix.py)
     "mix_no_collab": {"pretrain_loss_weight": 1.0, "pg_weight": 0.0},  # refit_mix without its policy-gradient term
-    "refit_mix_holdout5": {"pretrain_loss_weight": 1.0, "holdout_count": 5},  # refit_mix hiding each user's last 5 items
+    "refit_mix_holdout5": {"pretrain_loss_weight": 1.0, "holdout_count": 5, "pg_weight": 1.0},  # refit_mix hiding each user's last 5 items
     "mix_holdout5_no_collab": {"pretrain_loss_weight": 1.0, "holdout_count": 5, "pg_weight": 0.0},  # its ablation
-    "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}},
+    "ranking": {"reward": {"ndcg": {"weight": 1.0, "k": 20}}, "pg_weight": 1.0},
     "no_collab": {"pg_weight": 0.0},
     # without early stopping: the run ends at --updates or --budget, still selected on validation
-    "refit_full_budget": {"patience": 10**6},
+    "refit_full_budget": {"patience": 10**6, "pg_weight": 1.0},
     "no_collab_full_budget": {"pg_weight": 0.0, "patience": 10**6},
-    "random_holdout": {"holdout": "random"},
-    "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
+    "random_holdout": {"holdout": "random", "pg_weight": 1.0},
+    "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
     "reinforce_categorical": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 1024,
                               "rollouts_per_user": 1},
@@ -96,7 +96,9 @@ RUNS: dict[str, dict[str, Any]] = {
                      "lr": 3e-5},
 }
 """Fine-tuning recipes: overrides of the config's ``finetune`` section (``continued``: control
-(a), continued pretraining with the model's own loss from the checkpoint, at ``--continued-lr``)."""
+(a), continued pretraining with the model's own loss from the checkpoint, at ``--continued-lr``).
+``refit`` is the config's own recipe (for ``configs/ml1m_dreamrec.yaml`` the likelihood term alone,
+without early stopping); a recipe built on the policy-gradient term sets ``pg_weight`` itself."""
 
 METRICS = {  # protocol -> (shown, tested: the first two shown at K = 20, also the valid columns)
     "cf": (("recall@10", "ndcg@10", "recall@20", "ndcg@20"), ("recall@20", "ndcg@20")),

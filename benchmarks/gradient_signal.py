@@ -53,11 +53,12 @@ PG_REWARD = {"loglik": {"weight": 1.0, "temperature": 0.1}}
 RECIPES: dict[str, dict[str, Any]] = {
     "refit": {},
     "supervised": {"agent": "supervised"},
-    "reinforce": {"agent": "reinforce", "reward": PG_REWARD},
+    "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
     "reinforce@categorical": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 0.0, "categorical_samples": 16},
     "ppo": {"agent": "ppo", "reward": PG_REWARD},
 }
-"""Overrides of the config's ``finetune`` section per ``--agents`` entry (an entry not here: none)."""
+"""Overrides of the config's ``finetune`` section per ``--agents`` entry (an entry not here: none; ``refit``:
+the config's recipe, which for ``configs/ml1m_dreamrec.yaml`` is the likelihood term alone)."""
 DEFAULT_AGENTS = "refit,supervised,reinforce,reinforce@categorical,ppo"
 MEASURES = ("pair_cosine", "exact_cosine", "norm", "exact_norm", "seconds")
 
