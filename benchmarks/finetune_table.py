@@ -33,7 +33,8 @@ table: a fine-tuned row against its pretrained base is a **paired t-test over pr
 seeds** (each seed's fine-tuned mean against the same seed's base); any row against a
 deterministic baseline (recency-weighted EASE) is a **one-sample t-test** of the seed values
 against the baseline's value, against a seeded one (SASRec) **Welch's t-test**; ``--compare
-A:B`` rows use **Welch's t-test** on seed values. The
+A:B`` rows give the mean difference over the pretraining seeds both arms ran from with its
+**paired t-test** (the arms share those bases), and Welch's t-test on the run values beside it. The
 ``sees`` column says what each agent may see: (a) only the reward of its actions, (b) the
 reward plus its own probabilities, (c) the exact objective's gradient.
 
@@ -400,13 +401,25 @@ def one_sample(values: list[float], reference: float) -> tuple[float, float]:
     return statistics.mean(values) - reference, float(stats.ttest_1samp(values, reference).pvalue)
 
 
-def paired_by_seed(tuned: dict[int, list[float]], base: dict[int, float]) -> tuple[float, float]:
-    """Paired t over pretraining seeds: each seed's mean fine-tuned value against that seed's base."""
-    seeds = sorted(tuned)
-    differences = [statistics.mean(tuned[s]) - base[s] for s in seeds]
+def paired_by_seed(a: dict[int, list[float]], b: dict[int, list[float]]) -> tuple[float, float, int]:
+    """Paired t over the pretraining seeds both arms ran from: each seed's mean value of ``a`` against
+    that seed's mean value of ``b`` (a fine-tuned arm against its base, or two arms from the same bases).
+    Returns ``(mean difference, p, seeds)``; p is nan below two common seeds."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError(f"no pretraining seed in common: {sorted(a)} and {sorted(b)}")
+    differences = [statistics.mean(a[s]) - statistics.mean(b[s]) for s in seeds]
     if len(seeds) < 2:
-        return differences[0], float("nan")
-    return statistics.mean(differences), float(stats.ttest_1samp(differences, 0.0).pvalue)
+        return differences[0], float("nan"), 1
+    return statistics.mean(differences), float(stats.ttest_1samp(differences, 0.0).pvalue), len(seeds)
+
+
+def values_by_seed(summaries: list[dict], metric: str, split: str = "test") -> dict[int, list[float]]:
+    """``pretraining seed -> [value of each run from it]`` (fine-tuned runs; a base's seed is its own)."""
+    out: dict[int, list[float]] = {}
+    for s in summaries:
+        out.setdefault(s["spec"].get("pretrain_seed", s["spec"]["seed"]), []).append(s[split][metric])
+    return out
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -464,7 +477,7 @@ def main() -> None:
     parser.add_argument("--base-set", action="append", default=[], metavar="BASE:KEY=VALUE",
                         help="override a config field of one base (e.g. cfdiff:model.attention_dropout=0)")
     parser.add_argument("--compare", action="append", default=[], metavar="RUN_A:RUN_B",
-                        help="Welch's t of two recipes' seed values, per base")
+                        help="A - B per base: paired t over the pretraining seeds both ran from, and Welch's t")
     parser.add_argument("--workers", type=int, default=1, help="units run in parallel processes")
     parser.add_argument("--sasrec-results", help="a sequential table's SASRec baseline: the results.json of "
                         "benchmarks/sasrec_baseline.py on the same dataset and --pretrain-seeds")
@@ -558,11 +571,9 @@ def main() -> None:
         for metric in tested:
             values = [s["test"][metric] for s in summaries]
             if base_by_seed is not None:
-                by_seed: dict[int, list[float]] = {}
-                for s in summaries:
-                    by_seed.setdefault(s["spec"]["pretrain_seed"], []).append(s["test"][metric])
-                against_base.append(signed(*reversed(paired_by_seed(by_seed, {k: v[metric] for k, v in
-                                                                               base_by_seed.items()}))))
+                difference, p, _ = paired_by_seed(values_by_seed(summaries, metric),
+                                                  {k: [v[metric]] for k, v in base_by_seed.items()})
+                against_base.append(signed(p, difference))
             versus = welch if seeded_reference else one_sample
             against_reference.append(signed(*reversed(versus(values, reference_values[metric]))))
         if "updates" in summaries[0]:
@@ -577,8 +588,9 @@ def main() -> None:
 
     diagnostics = ["| recipe (first run) | reward, mean of first → last 10 updates | held-out mass, same | "
                    f"lowest valid {tested[0]} | median clip fraction / approx KL | seconds |", "|---|---|---|---|---|---|"]
-    comparisons = [f"| base | A | B | test {tested[0]}: A - B, Welch's t p | test {tested[1]}: A - B, Welch's t p |",
-                   "|---|---|---|---|---|"]
+    comparisons = ["| base | A | B | " + " | ".join(f"test {m}: A - B, paired t p (seeds), Welch's t p" for m in tested)
+                   + " |", "|---|---|---|---|---|"]
+    table["comparisons"] = []
     for base in bases:
         base_runs = [s for s in pretrained if s["spec"]["base"] == base]
         if not base_runs:
@@ -602,12 +614,18 @@ def main() -> None:
                     f"{training['lowest_valid']:.4f} | {kl} | {first['seconds']:.0f} |")
         for pair in args.compare:
             a, _, b = pair.partition(":")
-            if a in by_recipe and b in by_recipe:
+            runs_a, runs_b = by_recipe.get(a, []), by_recipe.get(b, [])
+            common = {s["spec"]["pretrain_seed"] for s in runs_a} & {s["spec"]["pretrain_seed"] for s in runs_b}
+            if common:  # (--compile-only of a partly finished table may have none yet)
                 cells = []
                 for metric in tested:
-                    difference, p = welch([s["test"][metric] for s in by_recipe[a]],
-                                          [s["test"][metric] for s in by_recipe[b]])
-                    cells.append(f"{difference:+.4f}, p {p:.1e}")
+                    difference, paired_p, seeds = paired_by_seed(values_by_seed(runs_a, metric),
+                                                                  values_by_seed(runs_b, metric))
+                    _, welch_p = welch([s["test"][metric] for s in runs_a], [s["test"][metric] for s in runs_b])
+                    cells.append(f"{difference:+.4f}, paired p {paired_p:.2g} ({seeds}), Welch p {welch_p:.2g}")
+                    table["comparisons"].append({"base": base, "a": a, "b": b, "metric": metric, "split": "test",
+                                                 "difference": difference, "paired_p": paired_p,
+                                                 "paired_seeds": seeds, "welch_p": welch_p})
                 comparisons.append(f"| {base} | {a} | {b} | " + " | ".join(cells) + " |")
     seconds = [(f"{s['spec']['base']}-p{s['spec']['seed']}"
                 + (f" (trained elsewhere: {' -> '.join(s.get('stages', [s['spec']['checkpoint']]))})"

@@ -203,3 +203,28 @@ def test_without_sasrec_the_sequential_baseline_is_popularity_counted_here(table
         with pytest.raises(SystemExit, match="--without-sasrec is for a sequential table given no --sasrec-results"):
             table.main()
     assert not (tmp_path / "t" / "pretrain").exists()
+
+
+def test_arms_from_the_same_bases_are_compared_paired_over_pretraining_seeds(table):
+    """``--compare`` and the against-the-base column: the per-seed means are paired (scipy's
+    ``ttest_rel`` is the reference); a seed only one arm ran from is left out and the count says so."""
+    from scipy import stats
+
+    def summaries(values_by_pretrain_seed):
+        return [{"spec": {"seed": f, "pretrain_seed": s}, "test": {"ndcg@20": v}}
+                for s, values in values_by_pretrain_seed.items() for f, v in enumerate(values)]
+
+    a = summaries({0: [0.30, 0.32], 1: [0.41], 2: [0.52], 7: [0.9]})
+    b = summaries({0: [0.29], 1: [0.40], 2: [0.50]})
+    by_seed_a, by_seed_b = (table.values_by_seed(x, "ndcg@20") for x in (a, b))
+    assert by_seed_a[0] == [0.30, 0.32]
+    difference, p, seeds = table.paired_by_seed(by_seed_a, by_seed_b)
+    reference = stats.ttest_rel([0.31, 0.41, 0.52], [0.29, 0.40, 0.50])
+    assert seeds == 3 and difference == pytest.approx(0.05 / 3) and p == pytest.approx(reference.pvalue)
+    # the same values unpaired: the seeds' spread hides a difference the pairing shows
+    assert table.welch([0.31, 0.41, 0.52], [0.29, 0.40, 0.50])[1] > 0.5 > 0.05 > p
+    # a base's own seed is its spec's seed
+    assert table.values_by_seed([{"spec": {"seed": 4}, "test": {"ndcg@20": 0.2}}], "ndcg@20") == {4: [0.2]}
+    assert table.paired_by_seed({0: [0.3]}, {0: [0.1], 1: [0.2]})[1:] == (pytest.approx(float("nan"), nan_ok=True), 1)
+    with pytest.raises(ValueError, match=r"no pretraining seed in common: \[0\] and \[1\]"):
+        table.paired_by_seed({0: [0.3]}, {1: [0.1]})
