@@ -415,10 +415,12 @@ def paired_by_seed(a: dict[int, list[float]], b: dict[int, list[float]]) -> tupl
 
 
 def values_by_seed(summaries: list[dict], metric: str, split: str = "test") -> dict[int, list[float]]:
-    """``pretraining seed -> [value of each run from it]`` (fine-tuned runs; a base's seed is its own)."""
+    """``pretraining seed -> [value of each run from it]`` (a fine-tuned run's spec names its ``run`` and
+    ``pretrain_seed``, its ``seed`` being the fine-tuning seed; a base's seed is its own)."""
     out: dict[int, list[float]] = {}
     for s in summaries:
-        out.setdefault(s["spec"].get("pretrain_seed", s["spec"]["seed"]), []).append(s[split][metric])
+        seed = s["spec"]["pretrain_seed"] if "run" in s["spec"] else s["spec"]["seed"]
+        out.setdefault(seed, []).append(s[split][metric])
     return out
 
 

@@ -211,7 +211,7 @@ def test_arms_from_the_same_bases_are_compared_paired_over_pretraining_seeds(tab
     from scipy import stats
 
     def summaries(values_by_pretrain_seed):
-        return [{"spec": {"seed": f, "pretrain_seed": s}, "test": {"ndcg@20": v}}
+        return [{"spec": {"seed": f, "pretrain_seed": s, "run": "refit"}, "test": {"ndcg@20": v}}
                 for s, values in values_by_pretrain_seed.items() for f, v in enumerate(values)]
 
     a = summaries({0: [0.30, 0.32], 1: [0.41], 2: [0.52], 7: [0.9]})
@@ -228,3 +228,50 @@ def test_arms_from_the_same_bases_are_compared_paired_over_pretraining_seeds(tab
     assert table.paired_by_seed({0: [0.3]}, {0: [0.1], 1: [0.2]})[1:] == (pytest.approx(float("nan"), nan_ok=True), 1)
     with pytest.raises(ValueError, match=r"no pretraining seed in common: \[0\] and \[1\]"):
         table.paired_by_seed({0: [0.3]}, {1: [0.1]})
+
+
+def test_a_finished_table_compiles_paired_comparisons_in_the_order_asked(table, tiny_base_config, tmp_path,
+                                                                         monkeypatch):
+    """``--compile-only`` on finished units (written here, nothing trained): the ``--compare`` row is
+    A − B paired over pretraining seeds, and the against-the-base column is paired too."""
+    from scipy import stats
+
+    monkeypatch.chdir(tmp_path)
+    metrics = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+    base = {0: 0.30, 1: 0.40, 2: 0.50}
+    arms = {"refit": {0: 0.33, 1: 0.42, 2: 0.54}, "no_collab": {0: 0.32, 1: 0.41, 2: 0.52}}
+
+    def unit(folder, spec, value, **extra):
+        Path(folder).mkdir(parents=True)
+        scores = {m: value for m in metrics}
+        (Path(folder) / "summary.json").write_text(json.dumps({"spec": spec, "valid": scores, "seconds": 1.0, **extra}))
+        (Path(folder) / "test.json").write_text(json.dumps(scores))
+
+    for s, value in base.items():
+        folder = f"t/pretrain/tiny-p{s}"
+        unit(folder, {"base": "tiny", "seed": s, "sets": [], "folder": folder}, value, seconds_to_best=1.0)
+        for run, values in arms.items():
+            folder = f"t/finetune/tiny-p{s}-{run}-f0"
+            unit(folder, {"base": "tiny", "seed": 0, "pretrain_seed": s, "run": run, "sets": [],
+                          "pretrained": f"t/pretrain/tiny-p{s}", "updates": 400, "budget": 900.0, "eval_every": 40,
+                          "continued_lr": 1e-4, "continued_epochs": 120, "folder": folder},  # the defaults
+                 values[s], sees="c", updates=10, best_update=5)
+    reference = {m: 0.1 for m in metrics}
+    Path("t/baselines.json").write_text(json.dumps({name: {"chosen_on_valid": {}, "valid": reference, "test": reference}
+                                                    for name in ("popularity", "EASE", "recency-weighted EASE")}))
+    monkeypatch.setattr("sys.argv", ["finetune_table.py", "--output", "t", "--bases", "tiny", "--pretrain-seeds", "0",
+                                     "1", "2", "--runs", "refit,no_collab", "--compare", "no_collab:refit",
+                                     "--compile-only"])
+    table.main()
+    compiled = json.loads(Path("t/table.json").read_text())
+    comparison = next(c for c in compiled["comparisons"] if c["metric"] == "ndcg@20")
+    a, b = [arms["no_collab"][s] for s in base], [arms["refit"][s] for s in base]
+    assert (comparison["a"], comparison["b"], comparison["paired_seeds"]) == ("no_collab", "refit", 3)
+    assert comparison["difference"] == pytest.approx(-0.04 / 3)
+    assert comparison["paired_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert comparison["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    text = Path("t/table.md").read_text()
+    assert f"| tiny | no_collab | refit | -0.0133, paired p {stats.ttest_rel(a, b).pvalue:.2g} (3)" in text
+    against_base = stats.ttest_rel(b, list(base.values())).pvalue
+    row = next(line for line in text.splitlines() if line.startswith("| tiny + refit |"))
+    assert f"+{against_base:.1e}" in row
