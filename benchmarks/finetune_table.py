@@ -617,8 +617,8 @@ def main() -> None:
         for pair in args.compare:
             a, _, b = pair.partition(":")
             runs_a, runs_b = by_recipe.get(a, []), by_recipe.get(b, [])
-            common = {s["spec"]["pretrain_seed"] for s in runs_a} & {s["spec"]["pretrain_seed"] for s in runs_b}
-            if common:  # (--compile-only of a partly finished table may have none yet)
+            if set(values_by_seed(runs_a, tested[0])) & set(values_by_seed(runs_b, tested[0])):
+                # (--compile-only of a partly finished table may have no common seed yet)
                 cells = []
                 for metric in tested:
                     difference, paired_p, seeds = paired_by_seed(values_by_seed(runs_a, metric),
