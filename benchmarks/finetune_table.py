@@ -481,6 +481,9 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="RUN_A:RUN_B",
                         help="A - B per base: paired t over the pretraining seeds both ran from, and Welch's t")
     parser.add_argument("--workers", type=int, default=1, help="units run in parallel processes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: the CPU count // --workers); e.g. 1 for two "
+                             "tables run side by side on 2 cores, as one table's two workers would share them")
     parser.add_argument("--sasrec-results", help="a sequential table's SASRec baseline: the results.json of "
                         "benchmarks/sasrec_baseline.py on the same dataset and --pretrain-seeds")
     parser.add_argument("--without-sasrec", action="store_true",
@@ -492,9 +495,11 @@ def main() -> None:
                              "and first stage's seed must be the base's")
     parser.add_argument("--compile-only", action="store_true", help="train nothing; tabulate what is finished")
     args = parser.parse_args()
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: must be at least 1")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     bases = [b for b in args.bases.split(",") if b]
     runs = [r for r in args.runs.split(",") if r]
     unknown = sorted(set(runs) - set(RUNS))

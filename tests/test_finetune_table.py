@@ -275,3 +275,23 @@ def test_a_finished_table_compiles_paired_comparisons_in_the_order_asked(table, 
     against_base = stats.ttest_rel(b, list(base.values())).pvalue
     row = next(line for line in text.splitlines() if line.startswith("| tiny + refit |"))
     assert f"+{against_base:.1e}" in row
+
+
+def test_threads_per_worker_default_to_the_cpu_count_shared_and_can_be_set(table, tiny_base_config, tmp_path,
+                                                                          monkeypatch):
+    """``--threads`` sets each worker's torch threads (two tables side by side on 2 cores: 1 each);
+    a count below 1 is refused before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(table, "run_stage", lambda function, specs, workers, threads: seen.append(threads) or [])
+    monkeypatch.setattr(table.os, "cpu_count", lambda: 8)
+    argv = ["finetune_table.py", "--output", "t", "--bases", "tiny", "--runs", "", "--compile-only"]
+    for extra, expected in (([], 8), (["--workers", "2"], 4), (["--workers", "2", "--threads", "1"], 1)):
+        seen.clear()
+        monkeypatch.setattr("sys.argv", argv + extra)
+        table.main()
+        assert seen and set(seen) == {expected}
+    monkeypatch.setattr("sys.argv", ["finetune_table.py", "--output", "u", "--threads", "0"])
+    with pytest.raises(SystemExit, match="--threads 0: must be at least 1"):
+        table.main()
+    assert not Path("u").exists()
