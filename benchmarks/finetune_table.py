@@ -138,12 +138,26 @@ def protocol_of(base: str) -> tuple[str, str]:
     return config.evaluation.protocol or model_class(config.model.name).protocol, config.data.dataset
 
 
+CONTINUED_ONLY = ("continued_lr", "continued_epochs", "continued_eval_every")
+FINETUNE_ONLY = ("updates", "eval_every")
+"""Spec keys that only the control (continued pretraining) or only a fine-tuning recipe uses."""
+
+
+def unit_identity(spec: dict) -> dict:
+    """What a unit's result depends on: its spec less the keys its kind of run does not use (a
+    fine-tuning arm finished under other ``--continued-*`` options is the same arm)."""
+    if "run" not in spec or spec["run"] not in RUNS:
+        return spec
+    unused = FINETUNE_ONLY if RUNS[spec["run"]].get("continued") else CONTINUED_ONLY
+    return {key: value for key, value in spec.items() if key not in unused}
+
+
 def _summary(folder: Path, spec: dict) -> Optional[dict]:
     path = folder / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    if summary.get("spec") != json.loads(json.dumps(spec)):
+    if unit_identity(summary.get("spec") or {}) != unit_identity(json.loads(json.dumps(spec))):
         raise SystemExit(f"{folder} was run with {summary.get('spec')}, now asked for {spec}: move it away or use "
                          "another --output")
     return summary

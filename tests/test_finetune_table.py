@@ -295,3 +295,23 @@ def test_threads_per_worker_default_to_the_cpu_count_shared_and_can_be_set(table
     with pytest.raises(SystemExit, match="--threads 0: must be at least 1"):
         table.main()
     assert not Path("u").exists()
+
+
+def test_a_finished_unit_is_reused_whatever_the_options_its_kind_of_run_does_not_use(table, tmp_path):
+    """A fine-tuning arm finished under other ``--continued-*`` options is the same arm (and a control
+    under another ``--eval-every``); an option the unit uses still refuses it by name."""
+    arm = {"base": "tiny", "seed": 0, "pretrain_seed": 3, "run": "refit", "sets": [], "pretrained": "p",
+           "updates": 400, "budget": 900.0, "eval_every": 10, "continued_lr": 5e-4, "continued_epochs": 1000,
+           "continued_eval_every": 1, "folder": str(tmp_path / "arm")}
+    control = {**arm, "run": "continued", "folder": str(tmp_path / "control")}
+    for spec in (arm, control):
+        Path(spec["folder"]).mkdir()
+        (Path(spec["folder"]) / "summary.json").write_text(json.dumps({"spec": spec, "valid": {}}))
+    other_control_options = {"continued_lr": 1e-4, "continued_epochs": 120}
+    assert table._summary(Path(arm["folder"]), {**arm, **other_control_options})["spec"] == arm
+    without_eval_every = {k: v for k, v in arm.items() if k != "continued_eval_every"}
+    assert table._summary(Path(arm["folder"]), without_eval_every)["spec"] == arm
+    assert table._summary(Path(control["folder"]), {**control, "updates": 4000, "eval_every": 40})["spec"] == control
+    for spec, change in ((arm, {"eval_every": 20}), (arm, {"budget": 330.0}), (control, {"continued_lr": 1e-4})):
+        with pytest.raises(SystemExit, match="was run with .* now asked for .*move it away"):
+            table._summary(Path(spec["folder"]), {**spec, **change})
