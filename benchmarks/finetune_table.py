@@ -39,8 +39,9 @@ A:B`` rows give the mean difference over the pretraining seeds both arms ran fro
 reward plus its own probabilities, (c) the exact objective's gradient.
 
 Every unit writes its own folder under ``--output`` and is skipped when its ``summary.json``
-exists (the script resumes; a unit whose spec changed is refused). Units of one stage run in
-``--workers`` processes (``cores / workers`` torch threads each). Usage::
+exists (the script resumes; a unit whose spec changed in a key its kind of run uses is refused,
+naming the keys). Units of one stage run in ``--workers`` processes (``--threads`` torch threads
+each, by default ``cores / workers``). Usage::
 
     REFIT_GYM_DATA=../shared/data python benchmarks/finetune_table.py --output runs/table \\
         --bases diffrec,tdiffrec --pretrain-seeds 0 1 2 --runs refit,supervised --updates 400 \\
@@ -139,13 +140,16 @@ def protocol_of(base: str) -> tuple[str, str]:
 
 
 CONTINUED_ONLY = ("continued_lr", "continued_epochs", "continued_eval_every")
+"""Spec keys only the control (continued pretraining) uses."""
 FINETUNE_ONLY = ("updates", "eval_every")
-"""Spec keys that only the control (continued pretraining) or only a fine-tuning recipe uses."""
+"""Spec keys only a fine-tuning recipe uses."""
 
 
-def unit_identity(spec: dict) -> dict:
-    """What a unit's result depends on: its spec less the keys its kind of run does not use (a
-    fine-tuning arm finished under other ``--continued-*`` options is the same arm)."""
+def used_spec(spec: dict) -> dict:
+    """The part of a unit's spec its run reads: the spec less the keys its kind of run ignores (a
+    fine-tuning arm finished under other ``--continued-*`` options is the same arm, a control
+    under another ``--updates`` / ``--eval-every`` the same control). Pretraining units and
+    recipes not in :data:`RUNS` keep every key."""
     if "run" not in spec or spec["run"] not in RUNS:
         return spec
     unused = FINETUNE_ONLY if RUNS[spec["run"]].get("continued") else CONTINUED_ONLY
@@ -157,9 +161,13 @@ def _summary(folder: Path, spec: dict) -> Optional[dict]:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    if unit_identity(summary.get("spec") or {}) != unit_identity(json.loads(json.dumps(spec))):
-        raise SystemExit(f"{folder} was run with {summary.get('spec')}, now asked for {spec}: move it away or use "
-                         "another --output")
+    done, asked = used_spec(summary.get("spec") or {}), used_spec(json.loads(json.dumps(spec)))
+    if done != asked:
+        absent = "<absent>"
+        differ = [f"{key}: {done.get(key, absent)!r} then, {asked.get(key, absent)!r} now"
+                  for key in sorted(set(done) | set(asked)) if done.get(key, absent) != asked.get(key, absent)]
+        raise SystemExit(f"{folder} was run with another spec ({'; '.join(differ)}): move it away or use another "
+                         "--output")
     return summary
 
 

@@ -299,12 +299,14 @@ def test_threads_per_worker_default_to_the_cpu_count_shared_and_can_be_set(table
 
 def test_a_finished_unit_is_reused_whatever_the_options_its_kind_of_run_does_not_use(table, tmp_path):
     """A fine-tuning arm finished under other ``--continued-*`` options is the same arm (and a control
-    under another ``--eval-every``); an option the unit uses still refuses it by name."""
+    under another ``--updates`` / ``--eval-every``); a key the unit uses still refuses it, named."""
     arm = {"base": "tiny", "seed": 0, "pretrain_seed": 3, "run": "refit", "sets": [], "pretrained": "p",
            "updates": 400, "budget": 900.0, "eval_every": 10, "continued_lr": 5e-4, "continued_epochs": 1000,
            "continued_eval_every": 1, "folder": str(tmp_path / "arm")}
     control = {**arm, "run": "continued", "folder": str(tmp_path / "control")}
-    for spec in (arm, control):
+    base = {"base": "tiny", "seed": 3, "sets": [], "folder": str(tmp_path / "base")}
+    unknown = {**arm, "run": "not_a_recipe", "folder": str(tmp_path / "unknown")}
+    for spec in (arm, control, base, unknown):
         Path(spec["folder"]).mkdir()
         (Path(spec["folder"]) / "summary.json").write_text(json.dumps({"spec": spec, "valid": {}}))
     other_control_options = {"continued_lr": 1e-4, "continued_epochs": 120}
@@ -312,6 +314,17 @@ def test_a_finished_unit_is_reused_whatever_the_options_its_kind_of_run_does_not
     without_eval_every = {k: v for k, v in arm.items() if k != "continued_eval_every"}
     assert table._summary(Path(arm["folder"]), without_eval_every)["spec"] == arm
     assert table._summary(Path(control["folder"]), {**control, "updates": 4000, "eval_every": 40})["spec"] == control
-    for spec, change in ((arm, {"eval_every": 20}), (arm, {"budget": 330.0}), (control, {"continued_lr": 1e-4})):
-        with pytest.raises(SystemExit, match="was run with .* now asked for .*move it away"):
+    refused = [(arm, {"eval_every": 20}, "eval_every: 10 then, 20 now"),
+               (arm, {"updates": 4000}, "updates: 400 then, 4000 now"),
+               (arm, {"budget": 330.0}, "budget: 900.0 then, 330.0 now"),
+               (control, {"continued_lr": 1e-4}, "continued_lr: 0.0005 then, 0.0001 now"),
+               (control, {"continued_epochs": 120}, "continued_epochs: 1000 then, 120 now"),
+               (control, {"budget": 330.0}, "budget: 900.0 then, 330.0 now"),
+               (base, {"seed": 4}, "seed: 3 then, 4 now"),
+               (unknown, {"continued_lr": 1e-4}, "continued_lr: 0.0005 then, 0.0001 now")]  # not in RUNS: every key
+    for spec, change, named in refused:
+        with pytest.raises(SystemExit, match=rf"was run with another spec \({named}\): move it away"):
             table._summary(Path(spec["folder"]), {**spec, **change})
+    without = {k: v for k, v in control.items() if k != "continued_eval_every"}
+    with pytest.raises(SystemExit, match=r"\(continued_eval_every: 1 then, '<absent>' now\)"):
+        table._summary(Path(control["folder"]), without)
