@@ -85,7 +85,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "refit_full_budget": {"patience": 10**6, "pg_weight": 1.0},
     "no_collab_full_budget": {"pg_weight": 0.0, "patience": 10**6},
     # the same at the step the policy-gradient term leaves the likelihood term in a refit update on
-    # Amazon Beauty DreamRec (the update's cosine with the likelihood gradient, 0.36, x lr 1e-4)
+    # Amazon Beauty DreamRec (the update's cosine with the likelihood gradient, 0.36, x lr 1e-4, rounded down)
     "no_collab_full_budget_lr3e-5": {"pg_weight": 0.0, "patience": 10**6, "lr": 3e-5},
     "random_holdout": {"holdout": "random", "pg_weight": 1.0},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
