@@ -7,6 +7,7 @@ so ``refit-gym evaluate ... > metrics.json`` captures exactly the JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -146,9 +147,11 @@ def cmd_evaluate(args) -> int:
         _log(f"warning: {args.checkpoint} comes from a run that has not finished (status {status!r}: it was "
              "interrupted, or is still going); these are the metrics of its best checkpoint so far. Resume it with "
              "--resume")
+    protocol = protocol_from_config(config.evaluation, model)
+    if args.mask_history is not None:
+        protocol = dataclasses.replace(protocol, mask_history=args.mask_history)
     result = evaluate(model, data, splits=(args.split,), ks=config.evaluation.ks, batch_size=config.evaluation.batch_size,
-                      precision=args.precision or config.evaluation.precision,
-                      protocol=protocol_from_config(config.evaluation, model),
+                      precision=args.precision or config.evaluation.precision, protocol=protocol,
                       device=device, export_topk=args.k if args.export_topk else None, progress=not args.no_progress)
     if args.export_topk:
         _write_topk(args.export_topk, result.top_items[args.split], data)
@@ -385,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS,
                    help="fp32, or bf16 autocast of the scoring chain (default: the checkpoint's evaluation.precision; "
                         "docs/devices.md)")
+    p.add_argument("--mask-history", action=argparse.BooleanOptionalAction, default=None,
+                   help="exclude (or, --no-mask-history, rank) the items seen before the split (default: the "
+                        "checkpoint's evaluation.mask_history: excluded for cf, ranked for sequential; docs/evaluation.md)")
     p.set_defaults(handler=cmd_evaluate)
 
     p = commands.add_parser("baseline", help="fit and evaluate a baseline (popularity, EASE, recency-weighted EASE, "

@@ -78,6 +78,27 @@ def test_evaluate_precision_flag_reaches_the_evaluator(pretrained, capsys, monke
     assert abs(metrics["bf16"]["recall@20"] - metrics["default"]["recall@20"]) < 0.02
 
 
+def test_evaluate_mask_history_flag_overrides_the_checkpoints_protocol(pretrained, tmp_path, capsys):
+    """A cf checkpoint excludes the seen items by default; ``--no-mask-history`` ranks them (they
+    then fill the top of a trained model's list), ``--mask-history`` is the default's result."""
+    data = load_dataset(DATASET)
+    seen = data.seen_before("valid")
+    capsys.readouterr()
+    metrics, ranked = {}, {}
+    for flag in ("default", "--mask-history", "--no-mask-history"):
+        top = tmp_path / f"{flag}.npy"
+        flags = [] if flag == "default" else [flag]
+        assert main(["evaluate", "--checkpoint", str(pretrained), "--split", "valid", "--no-progress",
+                     "--export-topk", str(top), "--k", "10", *flags]) == 0
+        metrics[flag], ranked[flag] = _json(capsys), np.load(top)
+    assert metrics["--mask-history"] == metrics["default"]
+    np.testing.assert_array_equal(ranked["--mask-history"], ranked["default"])
+    in_history = [len(set(ranked["--no-mask-history"][u]) & set(seen.indices[seen.indptr[u]:seen.indptr[u + 1]]))
+                  for u in range(data.n_users)]
+    assert sum(in_history) > 0
+    assert metrics["--no-mask-history"]["recall@20"] < metrics["default"]["recall@20"]
+
+
 def test_baselines_from_the_cli(config_file, tmp_path, capsys):
     capsys.readouterr()
     assert main(["baseline", "popularity", "--config", str(config_file), "--split", "test"]) == 0
