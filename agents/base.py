@@ -80,7 +80,8 @@ class Agent:
             self.pretraining = PretrainingMix(core.interactions, config.pretrain_batch_size or config.users_per_batch,
                                               policy.model.diffusion.steps, pretraining_reweight, core.device)
         self.group_size = type(self).chains_per_user(config)
-        self.likelihood = HeldOutLogLikelihood(temperature=config.likelihood_temperature, normalize=True)
+        self.likelihood = HeldOutLogLikelihood(temperature=config.likelihood_temperature, normalize=True,
+                                               mask_visible=config.likelihood_mask_visible)
         self.anchor_weights = [p.detach().clone() for p in policy.model.parameters()]
         self.optimizer = torch.optim.Adam(
             [p for p in policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay

@@ -46,6 +46,9 @@ class FinetuneConfig:
     (``refit`` and ``supervised``); 0 turns it off."""
     likelihood_temperature: float = 0.1
     """Temperature tau of the categorical last step softmax(x0 / tau)."""
+    likelihood_mask_visible: bool = True
+    """The likelihood term's softmax excludes the visible (input) items; ``false`` lets them compete,
+    like the sequential protocol's default evaluation, which ranks the history too."""
     pg_weight: float = 1.0
     """Weight of the policy-gradient term for the ``reward`` terms (``refit``); 0 turns it off."""
     anchor: str = "l2"

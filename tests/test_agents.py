@@ -189,6 +189,20 @@ def _likelihood_loss(agent, users):
         return agent.likelihood_loss(rollout)
 
 
+def test_likelihood_mask_visible_reaches_the_likelihood_term(tiny_data, tiny_pretrained):
+    """``finetune.likelihood_mask_visible: false``: the input items compete in the likelihood term's
+    softmax, so the same rollout's loss is higher (they take probability from the held-out items)."""
+    users = np.arange(32)
+    losses = {}
+    for mask in (True, False):
+        agent, _ = _setup(tiny_data, tiny_pretrained, "refit", likelihood_mask_visible=mask)
+        assert agent.likelihood.mask_visible is mask
+        losses[mask] = float(_likelihood_loss(agent, users))
+    assert losses[False] > losses[True]
+    with pytest.raises(ConfigError, match="finetune.likelihood_mask_visible"):
+        finetune_config({"likelihood_mask_visible": "no"})
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_log_prob_of_the_mean_is_the_density_at_the_mean(tiny_data, tiny_pretrained, reduction):
     agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce", log_prob_reduction=reduction)

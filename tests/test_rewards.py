@@ -142,6 +142,31 @@ def test_visible_items_never_get_probability(interactions, episode, scores):
         assert torch.allclose(term(scores, episode), term(boosted, episode))
 
 
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_loglik_without_the_mask_is_the_softmax_over_all_items(interactions, episode, scores, tau):
+    """``mask_visible=False``: the input items compete in the softmax (the sequential protocol's
+    default evaluation ranks them too); the held-out items scored are the same."""
+    term = HeldOutLogLikelihood(temperature=tau, normalize=True, mask_visible=False).bind(interactions)
+    value = term(scores, episode)
+    for b in range(episode.batch_size):
+        log_p = torch.log_softmax(scores[b].double() / tau, dim=0)
+        held = torch.nonzero(episode.held_out[b]).ravel()
+        expected = float(log_p[held].mean()) if len(held) else 0.0
+        assert value[b].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # raising the input items' scores now lowers the held-out items' probability (masked: no change)
+    boosted = scores.masked_fill(episode.visible > 0, 10.0)
+    for unmasked in (HeldOutLogLikelihood(mask_visible=False), HeldOutLikelihood(mask_visible=False)):
+        has_input = (episode.visible > 0).any(1) & (episode.held_out > 0).any(1)
+        assert torch.all(unmasked(boosted, episode)[has_input] < unmasked(scores, episode)[has_input])
+    assert term.config()["mask_visible"] is False and HeldOutLogLikelihood().config()["mask_visible"] is True
+
+
+@pytest.mark.parametrize("bad", [0, 1, "false", None])
+def test_loglik_mask_visible_must_be_a_bool(bad):
+    with pytest.raises(ConfigError, match="mask_visible must be true or false"):
+        HeldOutLogLikelihood(mask_visible=bad)
+
+
 def test_likelihood_is_held_out_mass_and_relates_to_log(interactions, data, scores):
     single = make_episode(data, fraction=0.0)  # users > 0 hide exactly one item
     assert torch.all(single.held_out[1:].sum(1) == 1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from refit_gym.errors import ConfigError
 from refit_gym.rewards._checks import check_batch, check_temperature
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, TrainingInteractions
 from refit_gym.rewards.functional import held_out_log_likelihood, held_out_mass, masked_log_softmax, scored_items
@@ -42,8 +43,11 @@ class _HeldOutTerm(RewardTerm):
 
     differentiable = True
 
-    def __init__(self, temperature: float = DEFAULT_TEMPERATURE) -> None:
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, mask_visible: bool = True) -> None:
         self.temperature = check_temperature(temperature)
+        if not isinstance(mask_visible, bool):
+            raise ConfigError(f"mask_visible must be true or false, got {mask_visible!r}")
+        self.mask_visible = mask_visible
         self.n_items: int | None = None
 
     def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "_HeldOutTerm":
@@ -53,9 +57,9 @@ class _HeldOutTerm(RewardTerm):
 
     def _log_probs(self, scores: torch.Tensor, episode: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         check_batch(scores, episode, self.n_items)
-        return masked_log_softmax(scores, episode.visible, self.temperature), scored_items(
-            episode.held_out, episode.visible
-        )
+        # unmasked, the input items compete too, as under an evaluation that does not mask the history
+        masked = episode.visible if self.mask_visible else torch.zeros_like(episode.visible)
+        return masked_log_softmax(scores, masked, self.temperature), scored_items(episode.held_out, episode.visible)
 
 
 class HeldOutLogLikelihood(_HeldOutTerm):
@@ -71,15 +75,19 @@ class HeldOutLogLikelihood(_HeldOutTerm):
     Args:
         temperature: softmax temperature ``tau > 0``.
         normalize: divide by the number of held-out items ``|H|``.
+        mask_visible: exclude the input items from the softmax (the default); ``False`` lets them
+            compete, as under the sequential protocol's default evaluation, which ranks the history
+            too (``docs/sequential.md``, "What the reward sees").
 
     Raises:
-        ConfigError: ``temperature <= 0`` or not finite.
+        ConfigError: ``temperature <= 0`` or not finite; ``mask_visible`` not a bool.
     """
 
     name = "loglik"
 
-    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, normalize: bool = True) -> None:
-        super().__init__(temperature)
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, normalize: bool = True,
+                 mask_visible: bool = True) -> None:
+        super().__init__(temperature, mask_visible)
         self.normalize = bool(normalize)
 
     def __call__(self, scores: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
@@ -88,7 +96,8 @@ class HeldOutLogLikelihood(_HeldOutTerm):
         return held_out_log_likelihood(log_probs, scored, self.normalize)
 
     def config(self) -> dict:
-        return {"term": type(self).__name__, "temperature": self.temperature, "normalize": self.normalize}
+        return {"term": type(self).__name__, "temperature": self.temperature, "normalize": self.normalize,
+                "mask_visible": self.mask_visible}
 
 
 class HeldOutLikelihood(_HeldOutTerm):
@@ -101,9 +110,10 @@ class HeldOutLikelihood(_HeldOutTerm):
 
     Args:
         temperature: softmax temperature ``tau > 0``.
+        mask_visible: as :class:`HeldOutLogLikelihood`.
 
     Raises:
-        ConfigError: ``temperature <= 0`` or not finite.
+        ConfigError: ``temperature <= 0`` or not finite; ``mask_visible`` not a bool.
     """
 
     name = "likelihood"
@@ -114,4 +124,4 @@ class HeldOutLikelihood(_HeldOutTerm):
         return held_out_mass(log_probs, scored)
 
     def config(self) -> dict:
-        return {"term": type(self).__name__, "temperature": self.temperature}
+        return {"term": type(self).__name__, "temperature": self.temperature, "mask_visible": self.mask_visible}
