@@ -87,6 +87,9 @@ RUNS: dict[str, dict[str, Any]] = {
     # the same at the step the policy-gradient term leaves the likelihood term in a refit update on
     # Amazon Beauty DreamRec (the update's cosine with the likelihood gradient, 0.36, x lr 1e-4, rounded down)
     "no_collab_full_budget_lr3e-5": {"pg_weight": 0.0, "patience": 10**6, "lr": 3e-5},
+    # the likelihood term alone with the input items left in its softmax, as the sequential protocol's
+    # default evaluation ranks them (docs/sequential.md, "What the reward sees")
+    "no_collab_full_budget_unmasked": {"pg_weight": 0.0, "patience": 10**6, "likelihood_mask_visible": False},
     # refit on 4x the users per update: the collaborative policy-gradient estimate is partly coherent
     # only at larger batches (benchmarks/gradient_signal.py, Amazon Beauty DreamRec)
     "refit_users512": {"users_per_batch": 512},
