@@ -3,7 +3,8 @@
 The env hides part of each user's training items from the initial state (``episode.held_out``;
 by default the most recent ones) and these terms score how well the final scores recover them
 under the item distribution ``p = softmax(scores / tau)`` with the input items masked
-(:func:`~refit_gym.rewards.functional.masked_log_softmax`).
+(:func:`~refit_gym.rewards.functional.masked_log_softmax`; ``mask_visible=False`` keeps them in the
+softmax, as an evaluation that ranks the history does).
 
 Which of the two to optimise
 ----------------------------
