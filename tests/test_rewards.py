@@ -155,8 +155,8 @@ def test_loglik_without_the_mask_is_the_softmax_over_all_items(interactions, epi
         assert value[b].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
     # raising the input items' scores now lowers the held-out items' probability (masked: no change)
     boosted = scores.masked_fill(episode.visible > 0, 10.0)
+    has_input = (episode.visible > 0).any(1) & (episode.held_out > 0).any(1)
     for unmasked in (HeldOutLogLikelihood(mask_visible=False), HeldOutLikelihood(mask_visible=False)):
-        has_input = (episode.visible > 0).any(1) & (episode.held_out > 0).any(1)
         assert torch.all(unmasked(boosted, episode)[has_input] < unmasked(scores, episode)[has_input])
     assert term.config()["mask_visible"] is False and HeldOutLogLikelihood().config()["mask_visible"] is True
 

@@ -11,6 +11,8 @@ interacted with every item) is left unmasked, so the distribution stays defined.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -28,12 +30,13 @@ def visible_mask(visible: torch.Tensor) -> torch.Tensor:
     return mask & ~full if bool(full.any()) else mask
 
 
-def masked_log_softmax(scores: torch.Tensor, visible: torch.Tensor, temperature: float) -> torch.Tensor:
+def masked_log_softmax(scores: torch.Tensor, visible: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
     """``log softmax(scores / temperature)`` over the items not in the input.
 
     Args:
         scores: ``(B, n_items)`` floating item scores (e.g. the predicted clean vector ``x0``).
-        visible: ``(B, n_items)`` input items; those with ``visible > 0`` are masked.
+        visible: ``(B, n_items)`` input items; those with ``visible > 0`` are masked (``None``:
+            nothing is masked).
         temperature: ``tau > 0``; smaller is sharper.
 
     Returns:
@@ -43,10 +46,12 @@ def masked_log_softmax(scores: torch.Tensor, visible: torch.Tensor, temperature:
     return torch.log_softmax(masked_logits(scores, visible, temperature), dim=1)
 
 
-def masked_logits(scores: torch.Tensor, visible: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``scores / temperature`` with ``-inf`` at the input items (a new tensor; see :func:`masked_log_softmax`)."""
+def masked_logits(scores: torch.Tensor, visible: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    """``scores / temperature`` with ``-inf`` at the input items (a new tensor; ``visible=None``:
+    nothing masked; see :func:`masked_log_softmax`)."""
     logits = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    return (logits / temperature).masked_fill_(visible_mask(visible), float("-inf"))
+    logits = logits / temperature
+    return logits if visible is None else logits.masked_fill_(visible_mask(visible), float("-inf"))
 
 
 def scored_items(held_out: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ class _HeldOutTerm(RewardTerm):
     def _log_probs(self, scores: torch.Tensor, episode: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         check_batch(scores, episode, self.n_items)
         # unmasked, the input items compete too, as under an evaluation that does not mask the history
-        masked = episode.visible if self.mask_visible else torch.zeros_like(episode.visible)
+        masked = episode.visible if self.mask_visible else None
         return masked_log_softmax(scores, masked, self.temperature), scored_items(episode.held_out, episode.visible)
 
 
