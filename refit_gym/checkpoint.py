@@ -9,10 +9,13 @@ Layout of a checkpoint directory::
     metrics.json        (optional) the metrics measured when it was saved
 
 Each file is written to a temporary name and renamed, so no file is ever half-written and a
-failed write keeps the previous one. The three files are replaced one after the other (weights,
-then description, then metrics): ``config.json`` records the SHA-256 of the weights it describes,
-and loading refuses a pair that does not match (a save interrupted between the two), naming it;
-the training runs rewrite their checkpoint when they resume.
+failed write keeps the previous one. ``config.json`` records the SHA-256 of the weights it
+describes. A save writes the new weights and the new description in full (``*.tmp``) before it
+renames either, then renames the weights, then the description, then writes the metrics. A save
+killed between the two renames leaves the new weights beside ``config.json.tmp``, which
+describes them: reading the checkpoint then takes that pending description (so the pair always
+matches); any other pair that does not match is refused, naming it. The metrics of such a
+checkpoint may be those of the previous save.
 """
 
 from __future__ import annotations
@@ -89,7 +92,6 @@ def save_checkpoint(
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     digest = _sha256(tmp)
-    os.replace(tmp, directory / WEIGHTS_FILE)
     description = {
         "weights_sha256": digest,
         "format": FORMAT,
@@ -100,7 +102,10 @@ def save_checkpoint(
         "versions": package_versions(),
         **(extra or {}),
     }
-    write_json_atomic(directory / CONFIG_FILE, description)
+    pending = _pending_description(directory)
+    pending.write_text(json.dumps(description, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, directory / WEIGHTS_FILE)  # from here until the next rename, `pending` describes the weights
+    os.replace(pending, directory / CONFIG_FILE)
     if metrics is not None:
         write_json_atomic(directory / METRICS_FILE, metrics)
     return directory
@@ -125,13 +130,38 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                               f"({type(error).__name__}: {error})") from None
 
 
+def _pending_description(directory: Path) -> Path:
+    """Where a save writes the new ``config.json`` before renaming it (the name ``write_json_atomic`` uses)."""
+    return directory / (CONFIG_FILE + ".tmp")
+
+
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint directory."""
-    path = Path(directory) / CONFIG_FILE
+    """The parsed ``config.json`` of a checkpoint directory: the description of the weights it holds.
+
+    When a save was killed after renaming the weights but before renaming their description,
+    the pending description (``config.json.tmp``) is the one whose digest matches the weights,
+    and it is returned instead (the checkpoint is read, never repaired, here).
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
     if not path.is_file():
-        inside = sorted(str(p.parent) for p in Path(directory).glob(f"*/{CONFIG_FILE}")) if Path(directory).is_dir() else []
+        inside = sorted(str(p.parent) for p in directory.glob(f"*/{CONFIG_FILE}")) if directory.is_dir() else []
         hint = f"; the checkpoints inside it are {', '.join(inside)}" if inside else ""
         raise CheckpointError(f"{directory} is not a refit-gym checkpoint: {CONFIG_FILE} is missing{hint}")
+    description = _read_json(path)
+    pending, weights = _pending_description(directory), directory / WEIGHTS_FILE
+    if pending.is_file() and weights.is_file():
+        try:
+            newer = json.loads(pending.read_text())
+        except json.JSONDecodeError:  # killed while writing it: the weights were not renamed yet
+            return description
+        digest = _sha256(weights)
+        if newer.get("weights_sha256") == digest != description.get("weights_sha256"):
+            return newer
+    return description
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:

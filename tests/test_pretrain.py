@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -182,6 +183,34 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, data, train
         save_checkpoint(tmp_path, model, config, data)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"v": 1}
+
+
+def test_a_save_killed_between_its_renames_reads_as_the_new_checkpoint(tmp_path, data, trained, monkeypatch):
+    """Killed after the weights' rename, before the description's: the pending description is read."""
+    _, _, config = trained
+    model = build_model(config.model, config.diffusion, data)
+    save_checkpoint(tmp_path, model, config, data)
+    with torch.no_grad():
+        model.denoiser.out_layers[-1].bias.add_(1.0)
+    real_replace = os.replace
+
+    def killed_at_the_description(source, target):
+        if Path(target).name == "config.json":
+            raise KeyboardInterrupt("killed")
+        real_replace(source, target)
+
+    monkeypatch.setattr("refit_gym.checkpoint.os.replace", killed_at_the_description)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, config, data, extra={"saved": "second"})
+    monkeypatch.undo()
+    assert "saved" not in json.loads((tmp_path / "config.json").read_text())  # the old description is still there
+    assert read_checkpoint_config(tmp_path)["saved"] == "second"
+    loaded, _ = load_checkpoint(tmp_path, data)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    (tmp_path / "config.json.tmp").write_text('{"weights_sha256": "0"')  # a pending file cut short: not used
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not the file config.json describes"):
+        load_checkpoint(tmp_path, data)
 
 
 def test_unknown_config_keys_are_named(tmp_path):
