@@ -87,6 +87,8 @@ RUNS: dict[str, dict[str, Any]] = {
     # the same at the step the policy-gradient term leaves the likelihood term in a refit update on
     # Amazon Beauty DreamRec (the update's cosine with the likelihood gradient, 0.36, x lr 1e-4, rounded down)
     "no_collab_full_budget_lr3e-5": {"pg_weight": 0.0, "patience": 10**6, "lr": 3e-5},
+    # the geometric middle of 3e-5 and the config's 1e-4, rounded (docs/sequential.md, "at lr 5e-5")
+    "no_collab_full_budget_lr5e-5": {"pg_weight": 0.0, "patience": 10**6, "lr": 5e-5},
     # the likelihood term alone with the input items left in its softmax, as the sequential protocol's
     # default evaluation ranks them (docs/sequential.md, "What the reward sees")
     "no_collab_full_budget_unmasked": {"pg_weight": 0.0, "patience": 10**6, "likelihood_mask_visible": False},
