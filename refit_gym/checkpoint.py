@@ -144,21 +144,30 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     """
     directory = Path(directory)
     path = directory / CONFIG_FILE
-    if not path.is_file():
+    description = _read_json(path) if path.is_file() else None
+    pending = _pending_for_the_weights(directory, description)
+    if pending is not None:
+        return pending
+    if description is None:
         inside = sorted(str(p.parent) for p in directory.glob(f"*/{CONFIG_FILE}")) if directory.is_dir() else []
         hint = f"; the checkpoints inside it are {', '.join(inside)}" if inside else ""
         raise CheckpointError(f"{directory} is not a refit-gym checkpoint: {CONFIG_FILE} is missing{hint}")
-    description = _read_json(path)
-    pending, weights = _pending_description(directory), directory / WEIGHTS_FILE
-    if pending.is_file() and weights.is_file():
-        try:
-            newer = json.loads(pending.read_text())
-        except json.JSONDecodeError:  # killed while writing it: the weights were not renamed yet
-            return description
-        digest = _sha256(weights)
-        if newer.get("weights_sha256") == digest != description.get("weights_sha256"):
-            return newer
     return description
+
+
+def _pending_for_the_weights(directory: Path, description: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The pending description when it, and not ``description``, matches the weights; else ``None``."""
+    pending, weights = _pending_description(directory), directory / WEIGHTS_FILE
+    if not (pending.is_file() and weights.is_file()):
+        return None
+    try:
+        newer = json.loads(pending.read_text())
+    except json.JSONDecodeError:  # killed while writing it: the weights were not renamed yet
+        return None
+    digest = newer.get("weights_sha256")
+    if digest is None or (description is not None and description.get("weights_sha256") == digest):
+        return None
+    return newer if _sha256(weights) == digest else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

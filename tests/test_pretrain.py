@@ -211,6 +211,13 @@ def test_a_save_killed_between_its_renames_reads_as_the_new_checkpoint(tmp_path,
     (tmp_path / "config.json.tmp").write_text('{"weights_sha256": "0"')  # a pending file cut short: not used
     with pytest.raises(CheckpointError, match=r"model.safetensors is not the file config.json describes"):
         load_checkpoint(tmp_path, data)
+    first = tmp_path / "first"  # the first save of a folder killed there: no config.json yet
+    monkeypatch.setattr("refit_gym.checkpoint.os.replace", killed_at_the_description)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(first, model, config, data, extra={"saved": "first"})
+    monkeypatch.undo()
+    assert not (first / "config.json").exists() and load_checkpoint(first, data)[0] is not None
+    assert read_checkpoint_config(first)["saved"] == "first"
 
 
 def test_unknown_config_keys_are_named(tmp_path):
