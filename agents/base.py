@@ -22,7 +22,7 @@ import torch.nn as nn
 from agents.config import FinetuneConfig
 from agents.policy import DenoisingPolicy
 from agents.pretraining_mix import PretrainingMix
-from agents.rollout import Rollout, collect_rollouts
+from agents.rollout import Rollout, collect_rollouts, shuffle_rewards_within_groups
 from refit_gym.envs.core import DenoisingMDP
 from refit_gym.envs.policies import denoiser_action
 from refit_gym.errors import ConfigError, TrainingError
@@ -88,6 +88,12 @@ class Agent:
         )
         self.distributed = Distributed()
         self._data_parallel: Optional[nn.Module] = None
+        if config.shuffle_rewards_within_user:
+            uses_collect = self.collects_rollouts and self.has_gradient_estimate and type(self).collect is Agent.collect
+            if not uses_collect or self.group_size < 2:
+                raise ConfigError(f"finetune.shuffle_rewards_within_user permutes the rewards among each user's rollouts "
+                                  f"(refit, reinforce, ppo, with rollouts_per_user >= 2); the {self.name} agent with "
+                                  f"rollouts_per_user = {config.rollouts_per_user} has no such rollouts")
         learning = {term: weight for term, weight in self.term_weights().items() if term != "loss_anchor"}
         if learning and not any(weight > 0 for weight in learning.values()):
             settings = sorted({TERM_SETTINGS[term] for term in learning if term in TERM_SETTINGS})
@@ -176,9 +182,13 @@ class Agent:
     def collect(self, users: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Rollout:
         """Rollouts of this process's shard of ``users`` (``group_size`` per user)."""
         rows = np.repeat(np.asarray(self.local_users(users), dtype=np.int64), self.group_size)
-        return collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
-                                stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps,
-                                recorded_steps=0 if self.config.anchor == "kl" else self.config.trained_steps)
+        rollout = collect_rollouts(self.core, self.policy, rows, rng, generator, self.group_size,
+                                   stochastic=self.collects_rollouts, explored_steps=self.config.trained_steps,
+                                   recorded_steps=0 if self.config.anchor == "kl" else self.config.trained_steps)
+        if self.config.shuffle_rewards_within_user:  # drawn for the whole batch, as the exploration is
+            draws = torch.rand(len(users), self.group_size, generator=generator, device=generator.device)
+            rollout = shuffle_rewards_within_groups(rollout, draws.argsort(-1)[self.distributed.shard(len(users))])
+        return rollout
 
     def loss(self, rollout: Rollout, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Named loss terms; ``"loss"`` is the total that is minimised (``generator`` for any draw)."""

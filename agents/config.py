@@ -127,6 +127,12 @@ class FinetuneConfig:
     """``ppo`` / ``torchrl-ppo``: clip range of the importance ratio."""
     advantage_clip: float = 5.0
     """Normalised advantages are clipped to +- this."""
+    shuffle_rewards_within_user: bool = False
+    """A placebo control of the policy-gradient term: before the advantages are computed, each
+    user's K rollouts have their rewards permuted among them (a fresh permutation each update, from
+    the agent's generator), so the term keeps its magnitude and noise but its expected signal is
+    zero (each user's mean reward, the baseline and the logged rewards are unchanged). ``refit``,
+    ``reinforce`` (its Gaussian steps) and ``ppo``; needs ``rollouts_per_user`` >= 2."""
 
     precision: str = "fp32"
     """``fp32`` or ``bf16``: autocast of the updates' matrix products (rollouts and losses); the

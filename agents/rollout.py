@@ -13,7 +13,7 @@ per-user (group) baselines use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -72,6 +72,22 @@ def group_advantages(returns: torch.Tensor, group_size: int, clip: float = 5.0, 
     else:
         advantages = (returns - returns.mean(-1, keepdim=True)) / (returns.std(-1, keepdim=True) + eps)
     return advantages.clamp(-clip, clip)
+
+
+def shuffle_rewards_within_groups(rollout: Rollout, order: torch.Tensor) -> Rollout:
+    """``rollout`` with each user's rollouts' rewards permuted among them (a placebo control).
+
+    ``order`` is ``(users, group_size)``: row u is a permutation of ``range(group_size)``; rollout
+    ``k`` of user ``u`` receives the rewards of rollout ``order[u, k]``. States, actions and
+    log-probs stay where they are, so the pairing of actions and rewards within a user is random.
+    """
+    users, group_size = rollout.n_rows // rollout.group_size, rollout.group_size
+    if tuple(order.shape) != (users, group_size):
+        raise ValueError(f"order must be (users, group_size) = ({users}, {group_size}), got {tuple(order.shape)}")
+    columns = (order.to(rollout.rewards.device) + group_size * torch.arange(users, device=rollout.rewards.device)[:, None])
+    columns = columns.reshape(-1)
+    unrecorded = None if rollout.unrecorded_return is None else rollout.unrecorded_return[columns]
+    return replace(rollout, rewards=rollout.rewards[:, columns], unrecorded_return=unrecorded)
 
 
 @torch.no_grad()

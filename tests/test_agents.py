@@ -10,7 +10,7 @@ import torch
 
 from agents import AGENTS, agent_class
 from agents.config import finetune_config
-from agents.rollout import collect_rollouts, group_advantages
+from agents.rollout import collect_rollouts, group_advantages, shuffle_rewards_within_groups
 from agents.trainer import finetune
 from conftest import assert_same_run, crash_at_update
 from refit_gym.checkpoint import load_checkpoint
@@ -201,6 +201,42 @@ def test_likelihood_mask_visible_reaches_the_likelihood_term(tiny_data, tiny_pre
     assert losses[False] > losses[True]
     with pytest.raises(ConfigError, match="finetune.likelihood_mask_visible"):
         finetune_config({"likelihood_mask_visible": "no"})
+
+
+def test_shuffling_rewards_within_users_matches_a_loop(tiny_data, tiny_pretrained):
+    agent, _ = _setup(tiny_data, tiny_pretrained, "reinforce", exposed_steps=0)
+    agent.core.shaping = build_shaping({"type": "held_out", "temperature": 0.5}, tiny_data)  # rewards on every step
+    rollout = collect_rollouts(agent.core, agent.policy, np.repeat(np.arange(32), 4), np.random.default_rng(0),
+                               torch.Generator().manual_seed(0), 4, explored_steps=2, recorded_steps=2)
+    order = torch.rand(32, 4, generator=torch.Generator().manual_seed(1)).argsort(-1)
+    shuffled = shuffle_rewards_within_groups(rollout, order)
+    for user in range(32):
+        for k in range(4):
+            row, source = 4 * user + k, 4 * user + int(order[user, k])
+            assert torch.equal(shuffled.rewards[:, row], rollout.rewards[:, source])
+            assert torch.equal(shuffled.unrecorded_return[row], rollout.unrecorded_return[source])
+    assert shuffled.states is rollout.states and shuffled.log_probs is rollout.log_probs
+    assert not torch.equal(shuffled.rewards, rollout.rewards)
+    torch.testing.assert_close(shuffled.episode_return().reshape(32, 4).sum(1), rollout.episode_return().reshape(32, 4).sum(1))
+    with pytest.raises(ValueError, match=r"order must be \(users, group_size\) = \(32, 4\), got \(4, 32\)"):
+        shuffle_rewards_within_groups(rollout, order.T)
+
+
+def test_shuffle_rewards_within_user_reaches_the_rollouts_and_is_refused_where_it_does_nothing(tiny_data, tiny_pretrained):
+    users = np.arange(32)
+    rollouts = {}
+    for placebo in (False, True):
+        agent, _ = _setup(tiny_data, tiny_pretrained, "refit", shuffle_rewards_within_user=placebo)
+        rollouts[placebo] = agent.collect(users, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    real, placebo = rollouts[False].rewards[-1].reshape(32, 4), rollouts[True].rewards[-1].reshape(32, 4)
+    assert torch.equal(rollouts[True].states, rollouts[False].states)  # the same episodes ...
+    assert torch.equal(placebo.sort(-1).values, real.sort(-1).values)  # ... each user's rewards among its own rollouts
+    assert not torch.equal(placebo, real)
+    for agent_name, overrides in (("supervised", {}), ("refit", {"rollouts_per_user": 1}), ("slate-rloo", {})):
+        with pytest.raises(ConfigError, match="finetune.shuffle_rewards_within_user permutes the rewards"):
+            _setup(tiny_data, tiny_pretrained, agent_name, shuffle_rewards_within_user=True, **overrides)
+    with pytest.raises(ConfigError, match="finetune.shuffle_rewards_within_user"):
+        finetune_config({"shuffle_rewards_within_user": "yes"})
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
