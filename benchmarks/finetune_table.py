@@ -95,6 +95,9 @@ RUNS: dict[str, dict[str, Any]] = {
     # refit on 4x the users per update: the collaborative policy-gradient estimate is partly coherent
     # only at larger batches (benchmarks/gradient_signal.py, Amazon Beauty DreamRec)
     "refit_users512": {"users_per_batch": 512},
+    # refit with its rewards permuted among each user's rollouts: a placebo of the policy-gradient term
+    # (finetune.shuffle_rewards_within_user; docs/finetuning.md, "A placebo for the policy-gradient term")
+    "refit_placebo": {"shuffle_rewards_within_user": True},
     "random_holdout": {"holdout": "random", "pg_weight": 1.0},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
