@@ -64,12 +64,15 @@ def max_weight_difference(first: Path, second: Path) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("agent", ["refit", "supervised"])
-def test_two_processes_fine_tune_to_the_one_process_result(config, tiny_pretrained, tmp_path, agent):
-    """Each rank takes half of every batch of users and draws its rows' noise as the whole batch
-    would; DistributedDataParallel averages the gradients. Tolerance: the same weights to 1e-4
-    and validation metrics to 2e-4 (float sums in another order; near-ties may swap ranks)."""
-    common = ["finetune", "--config", str(config), "--pretrained", str(tiny_pretrained), "--agent", agent]
+@pytest.mark.parametrize("agent, settings", [("refit", []), ("supervised", []),
+                                             ("refit", ["--set", "finetune.shuffle_rewards_within_user=true", "--set", "finetune.pg_weight=0.1"])],
+                         ids=["refit", "supervised", "refit-placebo"])
+def test_two_processes_fine_tune_to_the_one_process_result(config, tiny_pretrained, tmp_path, agent, settings):
+    """Each rank takes half of every batch of users and draws its rows' noise (and the placebo's
+    permutations) as the whole batch would; DistributedDataParallel averages the gradients.
+    Tolerance: the same weights to 1e-4 and validation metrics to 2e-4 (float sums in another
+    order; near-ties may swap ranks)."""
+    common = ["finetune", "--config", str(config), "--pretrained", str(tiny_pretrained), "--agent", agent, *settings]
     one = run(1, *common, "--output", str(tmp_path / "one"))
     two = run(2, *common, "--output", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr
