@@ -91,9 +91,9 @@ class Agent:
         if config.shuffle_rewards_within_user:
             uses_collect = self.collects_rollouts and self.has_gradient_estimate and type(self).collect is Agent.collect
             if not uses_collect or self.group_size < 2:
-                raise ConfigError(f"finetune.shuffle_rewards_within_user permutes the rewards among each user's rollouts "
-                                  f"(refit, reinforce, ppo, with rollouts_per_user >= 2); the {self.name} agent with "
-                                  f"rollouts_per_user = {config.rollouts_per_user} has no such rollouts")
+                raise ConfigError(f"finetune.shuffle_rewards_within_user permutes the rewards among each user's "
+                                  f"rollouts (refit, reinforce, ppo, with rollouts_per_user >= 2); the {self.name} "
+                                  f"agent with rollouts_per_user = {config.rollouts_per_user} has no such rollouts")
         learning = {term: weight for term, weight in self.term_weights().items() if term != "loss_anchor"}
         if learning and not any(weight > 0 for weight in learning.values()):
             settings = sorted({TERM_SETTINGS[term] for term in learning if term in TERM_SETTINGS})

@@ -84,8 +84,8 @@ def shuffle_rewards_within_groups(rollout: Rollout, order: torch.Tensor) -> Roll
     users, group_size = rollout.n_rows // rollout.group_size, rollout.group_size
     if tuple(order.shape) != (users, group_size):
         raise ValueError(f"order must be (users, group_size) = ({users}, {group_size}), got {tuple(order.shape)}")
-    columns = (order.to(rollout.rewards.device) + group_size * torch.arange(users, device=rollout.rewards.device)[:, None])
-    columns = columns.reshape(-1)
+    device = rollout.rewards.device
+    columns = (order.to(device) + group_size * torch.arange(users, device=device)[:, None]).reshape(-1)
     unrecorded = None if rollout.unrecorded_return is None else rollout.unrecorded_return[columns]
     return replace(rollout, rewards=rollout.rewards[:, columns], unrecorded_return=unrecorded)
 

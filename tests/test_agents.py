@@ -217,12 +217,13 @@ def test_shuffling_rewards_within_users_matches_a_loop(tiny_data, tiny_pretraine
             assert torch.equal(shuffled.unrecorded_return[row], rollout.unrecorded_return[source])
     assert shuffled.states is rollout.states and shuffled.log_probs is rollout.log_probs
     assert not torch.equal(shuffled.rewards, rollout.rewards)
-    torch.testing.assert_close(shuffled.episode_return().reshape(32, 4).sum(1), rollout.episode_return().reshape(32, 4).sum(1))
+    per_user = [r.episode_return().reshape(32, 4).sum(1) for r in (shuffled, rollout)]
+    torch.testing.assert_close(*per_user)
     with pytest.raises(ValueError, match=r"order must be \(users, group_size\) = \(32, 4\), got \(4, 32\)"):
         shuffle_rewards_within_groups(rollout, order.T)
 
 
-def test_shuffle_rewards_within_user_reaches_the_rollouts_and_is_refused_where_it_does_nothing(tiny_data, tiny_pretrained):
+def test_shuffle_rewards_within_user_reaches_the_rollouts_and_is_refused_elsewhere(tiny_data, tiny_pretrained):
     users = np.arange(32)
     rollouts = {}
     for placebo in (False, True):

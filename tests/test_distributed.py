@@ -64,8 +64,10 @@ def max_weight_difference(first: Path, second: Path) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("agent, settings", [("refit", []), ("supervised", []),
-                                             ("refit", ["--set", "finetune.shuffle_rewards_within_user=true", "--set", "finetune.pg_weight=0.1"])],
+PLACEBO = ["--set", "finetune.shuffle_rewards_within_user=true", "--set", "finetune.pg_weight=0.1"]
+
+
+@pytest.mark.parametrize("agent, settings", [("refit", []), ("supervised", []), ("refit", PLACEBO)],
                          ids=["refit", "supervised", "refit-placebo"])
 def test_two_processes_fine_tune_to_the_one_process_result(config, tiny_pretrained, tmp_path, agent, settings):
     """Each rank takes half of every batch of users and draws its rows' noise (and the placebo's
