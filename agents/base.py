@@ -89,17 +89,30 @@ class Agent:
         self.distributed = Distributed()
         self._data_parallel: Optional[nn.Module] = None
         if config.shuffle_rewards_within_user:
-            uses_collect = self.collects_rollouts and self.has_gradient_estimate and type(self).collect is Agent.collect
-            if not uses_collect or self.group_size < 2:
-                raise ConfigError(f"finetune.shuffle_rewards_within_user permutes the rewards among each user's "
-                                  f"rollouts (refit, reinforce, ppo, with rollouts_per_user >= 2); the {self.name} "
-                                  f"agent with rollouts_per_user = {config.rollouts_per_user} has no such rollouts")
+            self.check_reward_placebo()
         learning = {term: weight for term, weight in self.term_weights().items() if term != "loss_anchor"}
         if learning and not any(weight > 0 for weight in learning.values()):
             settings = sorted({TERM_SETTINGS[term] for term in learning if term in TERM_SETTINGS})
             raise ConfigError(f"the {self.name} agent would train on nothing but its anchor: its terms "
                               f"({', '.join(f'{term} {weight:g}' for term, weight in learning.items())}) all weigh 0 "
                               f"here; set one of {', '.join(f'finetune.{name}' for name in settings)} above 0")
+
+    def check_reward_placebo(self) -> None:
+        """Raise a ``ConfigError`` where ``finetune.shuffle_rewards_within_user`` would change nothing
+        or leave a reward-carrying term untouched."""
+        config = self.config
+        uses_collect = self.collects_rollouts and self.has_gradient_estimate and type(self).collect is Agent.collect
+        if not uses_collect or self.group_size < 2:
+            raise ConfigError(f"finetune.shuffle_rewards_within_user permutes the rewards among each user's "
+                              f"rollouts (refit, reinforce, ppo, with rollouts_per_user >= 2); the {self.name} "
+                              f"agent with rollouts_per_user = {config.rollouts_per_user} has no such rollouts")
+        weights = self.term_weights()
+        if weights.get("loss_policy_gradient", weights.get("loss_gaussian_steps")) == 0:
+            raise ConfigError(f"finetune.shuffle_rewards_within_user: the {self.name} agent's policy-gradient term "
+                              "weighs 0 here (finetune.pg_weight), so there is nothing to shuffle")
+        if config.categorical_samples > 0:
+            raise ConfigError("finetune.shuffle_rewards_within_user shuffles the Gaussian steps' rewards only; the "
+                              "categorical term (finetune.categorical_samples > 0) would keep its real reward")
 
     @classmethod
     def chains_per_user(cls, config: FinetuneConfig) -> int:

@@ -131,8 +131,9 @@ class FinetuneConfig:
     """A placebo control of the policy-gradient term: before the advantages are computed, each
     user's K rollouts have their rewards permuted among them (a fresh permutation each update, from
     the agent's generator), so the term keeps its magnitude and noise but its expected signal is
-    zero (each user's mean reward, the baseline and the logged rewards are unchanged). ``refit``,
-    ``reinforce`` (its Gaussian steps) and ``ppo``; needs ``rollouts_per_user`` >= 2."""
+    zero while no advantage is clipped (each user's mean reward, the baseline and the logged
+    rewards are unchanged). ``refit``, ``reinforce`` (its Gaussian steps; not with
+    ``categorical_samples``) and ``ppo``; needs ``rollouts_per_user`` >= 2 and ``pg_weight`` > 0."""
 
     precision: str = "fp32"
     """``fp32`` or ``bf16``: autocast of the updates' matrix products (rollouts and losses); the

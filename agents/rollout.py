@@ -78,8 +78,9 @@ def shuffle_rewards_within_groups(rollout: Rollout, order: torch.Tensor) -> Roll
     """``rollout`` with each user's rollouts' rewards permuted among them (a placebo control).
 
     ``order`` is ``(users, group_size)``: row u is a permutation of ``range(group_size)``; rollout
-    ``k`` of user ``u`` receives the rewards of rollout ``order[u, k]``. States, actions and
-    log-probs stay where they are, so the pairing of actions and rewards within a user is random.
+    ``k`` of user ``u`` receives the rewards (per step, unrecorded and per term) of rollout
+    ``order[u, k]``. States, actions and log-probs stay where they are, so the pairing of actions
+    and rewards within a user is random.
     """
     users, group_size = rollout.n_rows // rollout.group_size, rollout.group_size
     if tuple(order.shape) != (users, group_size):
@@ -87,7 +88,8 @@ def shuffle_rewards_within_groups(rollout: Rollout, order: torch.Tensor) -> Roll
     device = rollout.rewards.device
     columns = (order.to(device) + group_size * torch.arange(users, device=device)[:, None]).reshape(-1)
     unrecorded = None if rollout.unrecorded_return is None else rollout.unrecorded_return[columns]
-    return replace(rollout, rewards=rollout.rewards[:, columns], unrecorded_return=unrecorded)
+    components = {name: values[columns] for name, values in rollout.components.items()}
+    return replace(rollout, rewards=rollout.rewards[:, columns], unrecorded_return=unrecorded, components=components)
 
 
 @torch.no_grad()

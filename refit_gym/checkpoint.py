@@ -14,7 +14,8 @@ describes. A save writes the new weights and the new description in full (``*.tm
 renames either, then renames the weights, then the description, then writes the metrics. A save
 killed between the two renames leaves the new weights beside ``config.json.tmp``, which
 describes them: reading the checkpoint then takes that pending description (so the pair always
-matches); any other pair that does not match is refused, naming it. The metrics of such a
+matches), and the next save renames it into place before it writes anything; any other pair
+that does not match is refused, naming it. The metrics of such a
 checkpoint may be those of the previous save.
 """
 
@@ -88,6 +89,7 @@ def save_checkpoint(
     """Save ``model`` (weights + config) so that :func:`load_checkpoint` rebuilds it exactly."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    _finish_an_interrupted_save(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
@@ -168,6 +170,18 @@ def _pending_for_the_weights(directory: Path, description: Optional[dict[str, An
     if digest is None or (description is not None and description.get("weights_sha256") == digest):
         return None
     return newer if _sha256(weights) == digest else None
+
+
+def _finish_an_interrupted_save(directory: Path) -> None:
+    """Rename a pending description that is the only one matching the weights into place, before
+    a new save overwrites it (else a second save killed early would leave no matching pair)."""
+    path = directory / CONFIG_FILE
+    try:
+        description = _read_json(path) if path.is_file() else None
+    except CheckpointError:  # an unreadable config.json is replaced by the save anyway
+        description = None
+    if _pending_for_the_weights(directory, description) is not None:
+        os.replace(_pending_description(directory), path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -215,6 +215,8 @@ def test_shuffling_rewards_within_users_matches_a_loop(tiny_data, tiny_pretraine
             row, source = 4 * user + k, 4 * user + int(order[user, k])
             assert torch.equal(shuffled.rewards[:, row], rollout.rewards[:, source])
             assert torch.equal(shuffled.unrecorded_return[row], rollout.unrecorded_return[source])
+            for name, values in rollout.components.items():
+                assert torch.equal(shuffled.components[name][row], values[source]), name
     assert shuffled.states is rollout.states and shuffled.log_probs is rollout.log_probs
     assert not torch.equal(shuffled.rewards, rollout.rewards)
     per_user = [r.episode_return().reshape(32, 4).sum(1) for r in (shuffled, rollout)]
@@ -235,6 +237,10 @@ def test_shuffle_rewards_within_user_reaches_the_rollouts_and_is_refused_elsewhe
     assert not torch.equal(placebo, real)
     for agent_name, overrides in (("supervised", {}), ("refit", {"rollouts_per_user": 1}), ("slate-rloo", {})):
         with pytest.raises(ConfigError, match="finetune.shuffle_rewards_within_user permutes the rewards"):
+            _setup(tiny_data, tiny_pretrained, agent_name, shuffle_rewards_within_user=True, **overrides)
+    for agent_name, overrides, problem in (("refit", {"pg_weight": 0.0}, "weighs 0 here"),
+                                           ("reinforce", {"categorical_samples": 16}, "would keep its real reward")):
+        with pytest.raises(ConfigError, match=f"finetune.shuffle_rewards_within_user.*{problem}"):
             _setup(tiny_data, tiny_pretrained, agent_name, shuffle_rewards_within_user=True, **overrides)
     with pytest.raises(ConfigError, match="finetune.shuffle_rewards_within_user"):
         finetune_config({"shuffle_rewards_within_user": "yes"})

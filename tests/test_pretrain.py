@@ -208,7 +208,21 @@ def test_a_save_killed_between_its_renames_reads_as_the_new_checkpoint(tmp_path,
     loaded, _ = load_checkpoint(tmp_path, data)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    second_weights = (tmp_path / "model.safetensors").read_bytes()
+
+    def killed_writing_the_next_description(self, text):
+        with open(self, "w") as handle:  # half written, as a kill inside write_text leaves it
+            handle.write(text[: len(text) // 2])
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as patch:  # a second save killed before it renames anything: the pair still reads
+        patch.setattr("refit_gym.checkpoint.Path.write_text", killed_writing_the_next_description)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, model, config, data, extra={"saved": "third"})
+    assert (tmp_path / "model.safetensors").read_bytes() == second_weights
+    assert read_checkpoint_config(tmp_path)["saved"] == "second" and load_checkpoint(tmp_path, data)[0] is not None
     (tmp_path / "config.json.tmp").write_text('{"weights_sha256": "0"')  # a pending file cut short: not used
+    (tmp_path / "model.safetensors").write_bytes(second_weights[:-8] + bytes(8))  # weights config.json does not describe
     with pytest.raises(CheckpointError, match=r"model.safetensors is not the file config.json describes"):
         load_checkpoint(tmp_path, data)
     first = tmp_path / "first"  # the first save of a folder killed there: no config.json yet
