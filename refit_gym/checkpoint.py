@@ -15,8 +15,8 @@ renames either, then renames the weights, then the description, then writes the 
 killed between the two renames leaves the new weights beside ``config.json.tmp``, which
 describes them: reading the checkpoint then takes that pending description (so the pair always
 matches), and the next save renames it into place before it writes anything; any other pair
-that does not match is refused, naming it. The metrics of such a
-checkpoint may be those of the previous save.
+that does not match is refused, naming it. The metrics of such a checkpoint may be those of the
+previous save.
 """
 
 from __future__ import annotations
@@ -61,10 +61,15 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def json_text(payload: Any) -> str:
+    """The JSON text the project writes (indented, sorted keys, ``str`` for other objects)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file and an atomic rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json_text(payload))
     os.replace(tmp, path)
 
 
@@ -105,7 +110,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     pending = _pending_description(directory)
-    pending.write_text(json.dumps(description, indent=2, sort_keys=True, default=str) + "\n")
+    pending.write_text(json_text(description))
     os.replace(tmp, directory / WEIGHTS_FILE)  # from here until the next rename, `pending` describes the weights
     os.replace(pending, directory / CONFIG_FILE)
     if metrics is not None:
@@ -133,7 +138,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _pending_description(directory: Path) -> Path:
-    """Where a save writes the new ``config.json`` before renaming it (the name ``write_json_atomic`` uses)."""
+    """Where a save writes the new ``config.json`` before renaming it (``write_json_atomic``'s temporary name)."""
     return directory / (CONFIG_FILE + ".tmp")
 
 
