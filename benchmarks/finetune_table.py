@@ -98,6 +98,8 @@ RUNS: dict[str, dict[str, Any]] = {
     # refit with its rewards permuted among each user's rollouts: a placebo of the policy-gradient term
     # (finetune.shuffle_rewards_within_user; docs/finetuning.md, "A placebo for the policy-gradient term")
     "refit_placebo": {"shuffle_rewards_within_user": True},
+    # the same placebo of refit_full_budget, for configs whose recipe is the likelihood term alone (ML-1M DreamRec)
+    "refit_full_budget_placebo": {"patience": 10**6, "pg_weight": 1.0, "shuffle_rewards_within_user": True},
     "random_holdout": {"holdout": "random", "pg_weight": 1.0},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
