@@ -100,6 +100,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "refit_placebo": {"shuffle_rewards_within_user": True},
     # the same placebo of refit_full_budget, for configs whose recipe is the likelihood term alone (ML-1M DreamRec)
     "refit_full_budget_placebo": {"patience": 10**6, "pg_weight": 1.0, "shuffle_rewards_within_user": True},
+    # refit with the neighbours of its next-item collaborative term chosen by the visible items only, so the
+    # hidden item takes no part in them (refit_gym/rewards/collaborative.py, "Which items choose the neighbours")
+    "refit_visible_neighbours": {"reward_term_options": {"next_collaborative": {"neighbours_from": "visible_items"}}},
     "random_holdout": {"holdout": "random", "pg_weight": 1.0},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
@@ -296,8 +299,8 @@ def finetune_unit(spec: dict) -> dict:
                           init_from=spec["pretrained"])
         valid, seconds, sees, steps = result.best_metrics["valid"], result.seconds, "c", {}
     else:
-        config.finetune = {**config.finetune, "time_budget_s": spec["budget"], "eval_every": spec["eval_every"],
-                           "max_updates": spec["updates"], **recipe}
+        config.finetune = {**with_recipe(config.finetune, recipe), "time_budget_s": spec["budget"],
+                           "eval_every": spec["eval_every"], "max_updates": spec["updates"]}
         result = finetune(config, data, spec["pretrained"], folder, progress=False, log=lambda _: None)
         valid, seconds = result.best_metrics["valid"], result.seconds
         settings = finetune_config(config.finetune)
@@ -306,6 +309,29 @@ def finetune_unit(spec: dict) -> dict:
     summary = {"spec": spec, "valid": valid, "seconds": seconds, "sees": sees, **steps}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def with_recipe(section: dict, recipe: dict) -> dict:
+    """A config's ``finetune`` section with a fine-tuning recipe of :data:`RUNS` applied.
+
+    The recipe's keys replace the section's, except ``reward_term_options`` (``{term: {key: value}}``),
+    which is merged into the named terms of the section's ``reward``.
+
+    Raises:
+        ValueError: ``reward_term_options`` names a term the section's reward does not have.
+    """
+    recipe = dict(recipe)
+    term_options = recipe.pop("reward_term_options", {})
+    section = {**section, **recipe}
+    if term_options:
+        reward = dict(section.get("reward") or {})
+        missing = sorted(set(term_options) - {name for name, term in reward.items() if isinstance(term, dict)})
+        if missing:
+            raise ValueError(f"the recipe sets options of the reward terms {missing}, which the fine-tuning reward "
+                             f"{sorted(reward)} does not have as mappings")
+        section["reward"] = {name: {**term, **term_options.get(name, {})} if name in term_options else term
+                             for name, term in reward.items()}
+    return section
 
 
 def test_unit(spec: dict) -> dict:

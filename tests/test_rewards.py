@@ -36,6 +36,7 @@ from refit_gym.rewards import (
     top_k_similar_users,
 )
 from refit_gym.rewards import neighbours as neighbours_module
+from refit_gym.rewards.neighbours import neighbours_of_rows, similarity_factors
 from refit_gym.rewards.functional import masked_log_softmax
 from refit_gym.slates import sample_slates
 
@@ -259,6 +260,84 @@ def test_ties_break_toward_smaller_user_id():
     result = top_k_similar_users(train, 2, "cosine", block_size=1)
     assert result.ids[0].tolist() == [1, 2]
     assert result.ids[4].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("measure", ["cosine", "pearson"])
+def test_neighbours_of_full_rows_are_the_search_bit_for_bit(data, measure):
+    owners = np.array([5, 0, 3, 3, 12, 21, 20, 39])
+    for train, k in ((data.train, 7), (weighted_train_with_ties(), 9)):
+        train = sp.csr_matrix(train, dtype=np.float32)
+        reference = top_k_similar_users(train, k, measure)
+        factors = similarity_factors(train, measure)
+        for block_size in (1, 3, None):
+            ids, sims = neighbours_of_rows(factors, train[owners], owners, k, block_size)
+            np.testing.assert_array_equal(ids, reference.ids[owners])
+            np.testing.assert_array_equal(sims.view(np.int32), reference.similarity[owners].view(np.int32))
+
+
+@pytest.mark.parametrize("measure", ["cosine", "pearson"])
+def test_neighbours_of_partial_rows_match_brute_force(data, measure):
+    k, owners = 6, np.arange(0, N_USERS, 3)
+    keep = np.random.default_rng(3).random((len(owners), N_ITEMS)) < 0.6
+    queries = data.train[owners].multiply(sp.csr_matrix(keep)).tocsr()
+    ids, sims = neighbours_of_rows(similarity_factors(data.train, measure), queries, owners, k)
+    dense = data.train.toarray().astype(np.float64)
+    for row, owner in enumerate(owners):
+        both = np.vstack([queries[row].toarray(), dense])
+        if measure == "pearson":
+            both = both - both.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(both, axis=1, keepdims=True)
+        unit = np.divide(both, norms, out=np.zeros_like(both), where=norms > 1e-12)
+        reference = unit[1:] @ unit[0]
+        reference[owner] = -np.inf
+        assert owner not in ids[row] and len(set(ids[row])) == k
+        np.testing.assert_allclose(sims[row], reference[ids[row]], atol=1e-6)
+        np.testing.assert_allclose(sims[row], np.sort(reference)[::-1][:k], atol=1e-6)
+    with pytest.raises(ConfigError, match="query rows"):
+        neighbours_of_rows(similarity_factors(data.train, measure), queries[:2], owners, k)
+
+
+@pytest.mark.parametrize("term_class", [CollaborativeReward, NextItemCollaborativeReward])
+def test_neighbours_from_visible_items_equal_training_rows_when_nothing_is_hidden(data, interactions, scores,
+                                                                                   term_class):
+    full = EpisodeBatch(users=torch.tensor([3, 0, 7, 3, 39]), visible=torch.from_numpy(
+        data.train[[3, 0, 7, 3, 39]].toarray()).float(), held_out=torch.zeros(5, N_ITEMS, dtype=torch.bool))
+    by_rows = term_class(k=5, temperature=0.3).bind(interactions)
+    by_visible = term_class(k=5, temperature=0.3, neighbours_from="visible_items").bind(interactions)
+    assert torch.equal(by_visible(scores[:5], full), by_rows(scores[:5], full))
+    hidden = make_episode(data)  # with items hidden the two differ for some users
+    assert not torch.equal(by_visible(scores, hidden), by_rows(scores, hidden))
+    assert by_visible.neighbours is None  # no search at bind
+    with pytest.raises(EpisodeStateError, match="visible items"):
+        by_visible.target_rows(np.arange(3))
+    with pytest.raises(ConfigError, match="neighbours_from"):
+        term_class(neighbours_from="validation_rows")
+    spec = reward_spec(WeightedReward({"c": (1.0, by_visible)}))
+    assert spec["c"]["neighbours_from"] == "visible_items"
+
+
+@pytest.mark.parametrize("term_class", [CollaborativeReward, NextItemCollaborativeReward])
+def test_a_hidden_item_chooses_the_neighbours_only_from_training_rows(term_class):
+    # user 0 sees item 0 and hides its last item (1 in the first world, 2 in the second);
+    # user 1 went 0 -> 1 and user 2 went 0 -> 2, user 3 has item 3 only
+    n_items = 4
+    episode = EpisodeBatch(users=torch.tensor([0]), visible=torch.tensor([[1.0, 0, 0, 0]]),
+                           held_out=torch.zeros(1, n_items, dtype=torch.bool))
+    targets = {}
+    for mode in ("training_rows", "visible_items"):
+        for hidden in (1, 2):
+            sequences = UserSequences.from_lists([[0, hidden], [0, 1], [0, 2], [3]])
+            users = np.repeat(np.arange(4), [2, 2, 2, 1])
+            train = pairs_to_csr(users, np.concatenate([sequences[u] for u in range(4)]), 4, n_items)
+            term = term_class(k=1, neighbours_from=mode).bind(TrainingInteractions(train, sequences))
+            ids, _ = term.episode_neighbours(np.array([0]), np.array([[True, False, False, False]]))
+            targets[mode, hidden] = ids[0, 0]
+            value = term(torch.zeros(1, n_items), episode)
+            assert torch.isfinite(value).all()
+    # from whole training rows the hidden item picks the neighbour who shares it
+    assert (targets["training_rows", 1], targets["training_rows", 2]) == (1, 2)
+    # from the visible items the two neighbours tie and the smaller id wins, whatever is hidden
+    assert (targets["visible_items", 1], targets["visible_items", 2]) == (1, 1)
 
 
 @pytest.mark.parametrize("measure", ["cosine", "pearson"])

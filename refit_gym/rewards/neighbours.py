@@ -60,6 +60,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from refit_gym.errors import ConfigError
 from refit_gym.rewards._checks import check_choice, check_int_in_range
 from refit_gym.rewards.cache import MemoryCache, PathLike, load_arrays, matrix_fingerprint, resolve_cache_dir, save_arrays
 
@@ -314,6 +315,52 @@ def _symmetric_top_k(factors: sp.csr_matrix, a: Optional[np.ndarray], k: int, bl
                 rows = gaining + stop
                 best_keys[rows], best_values[rows] = merge(best_keys[rows], best_values[rows],
                                                            found_ids + start, found_values)
+    return ids, sims
+
+
+def neighbours_of_rows(
+    factors: tuple[sp.csr_matrix, Optional[np.ndarray]],
+    rows: sp.spmatrix,
+    owners: np.ndarray,
+    k: int,
+    block_size: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` users most similar to each of some query rows, e.g. users' rows with their hidden items removed.
+
+    Row ``i`` of ``rows`` belongs to user ``owners[i]``, who is never its own neighbour; every
+    other user is represented by its full training row (``factors``). With the owners' full rows as
+    queries the result is :func:`top_k_similar_users`'s rows of the owners, bit for bit (the same
+    float32 sums in the same item order, the same tie rule), so the two can be compared exactly.
+
+    Args:
+        factors: :func:`similarity_factors` of the training matrix (it fixes the measure).
+        rows: ``(B, n_items)`` the query rows (binary or weighted, like the training rows).
+        owners: ``(B,)`` the user each query row belongs to.
+        k: neighbours per row, ``1 <= k <= n_users - 1``.
+        block_size: query rows per block (``None``: :func:`default_block_size`); memory only.
+
+    Returns:
+        ``ids`` int64 ``(B, k)`` and ``similarity`` float32 ``(B, k)``, most similar first.
+    """
+    train_factors, a = factors
+    n_users, n_items = train_factors.shape
+    k = check_int_in_range(k, "the number of neighbours k", 1, n_users - 1)
+    owners = np.asarray(owners, dtype=np.int64)
+    if rows.shape != (len(owners), n_items):
+        raise ConfigError(f"expected {len(owners)} query rows of {n_items} items, got shape {rows.shape}")
+    query_factors, query_a = similarity_factors(rows, "cosine" if a is None else "pearson")
+    block_size = default_block_size(n_users, n_items) if block_size is None else check_int_in_range(
+        block_size, "block_size", 1)
+    ids = np.empty((len(owners), k), dtype=np.int64)
+    sims = np.empty((len(owners), k), dtype=np.float32)
+    for start in range(0, len(owners), block_size):
+        stop = min(start + block_size, len(owners))
+        block = np.asarray(train_factors @ query_factors[start:stop].T.toarray(), dtype=np.float32)  # (n_users, b)
+        if a is not None:
+            block -= np.outer(a.astype(np.float32), query_a[start:stop].astype(np.float32))
+        block[owners[start:stop], np.arange(stop - start)] = -np.inf
+        found_ids, found_sims = _top_k_rows(torch.from_numpy(block.T.copy()), k)
+        ids[start:stop], sims[start:stop] = found_ids.numpy(), found_sims.numpy()
     return ids, sims
 
 

@@ -5,7 +5,9 @@ the details; see ``docs/rewards.md``). From the **training** sequences only, for
 user ``u`` whose visible history ends with the items ``C_u`` (the last ``context`` visible items):
 
 1. ``u``'s top-``k`` most similar users ``N(u)`` (cosine or Pearson on training rows, as the
-   ``collaborative`` term: :mod:`refit_gym.rewards.neighbours`, cached);
+   ``collaborative`` term: :mod:`refit_gym.rewards.neighbours`, cached; with
+   ``neighbours_from="visible_items"`` by the episode's visible items only, see
+   :mod:`refit_gym.rewards.collaborative`);
 2. the target ``q_u(i) ∝ sum_{v in N(u)} max(s_uv, 0) * #{p : v_p in C_u, v_{p+1} = i}`` -- the
    transitions of the neighbours' chronological sequences out of the items ``u`` has just seen
    -- over items ``i`` not visible to ``u``, normalised to sum 1 (empty when no neighbour ever
@@ -13,8 +15,12 @@ user ``u`` whose visible history ends with the items ``C_u`` (the last ``context
 
 The reward is ``sum_i q_u(i) log p(i)`` (``objective="loglik"``) or ``sum_i q_u(i) p(i)``
 (``"mass"``) under ``p = softmax(scores / tau)`` with the visible items masked, as for the
-``collaborative`` term. The user's held-out items may be among the neighbours' next items; they
-are never read from the user's own sequence beyond its visible part.
+``collaborative`` term. The user's held-out items may be among the neighbours' next items. The
+transitions start from the user's visible items only; with the default
+``neighbours_from="training_rows"`` the held-out items do take part in choosing ``N(u)`` (the
+similarity compares whole training rows), so neighbours who share them are favoured and the
+target leans toward them; ``"visible_items"`` removes that (never validation or test items
+either way).
 
 The targets are built per episode row on the host from the neighbours' sequences
 (``O(B k L)`` for ``B`` rows, ``k`` neighbours of ``L`` items).
@@ -22,7 +28,7 @@ The targets are built per episode row on the host from the neighbours' sequences
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,6 +36,7 @@ import torch
 
 from refit_gym.data.interactions import UserSequences
 from refit_gym.data.sparse_rows import SparseRows
+from refit_gym.errors import ConfigError
 from refit_gym.rewards._checks import check_batch, check_int_in_range
 from refit_gym.rewards.base import EpisodeBatch, TrainingInteractions
 from refit_gym.rewards.collaborative import CollaborativeReward
@@ -40,7 +47,7 @@ from refit_gym.rewards.neighbours import UserNeighbours
 
 def next_item_targets(
     sequences: UserSequences,
-    neighbours: UserNeighbours,
+    neighbours: Union[UserNeighbours, tuple[np.ndarray, np.ndarray]],
     users: np.ndarray,
     visible: np.ndarray,
     n_items: int,
@@ -50,7 +57,9 @@ def next_item_targets(
 
     Args:
         sequences: every user's chronological training sequence.
-        neighbours: each user's top-k similar users (weights ``max(s, 0)`` are used).
+        neighbours: each user's top-k similar users (a :class:`UserNeighbours`, rows by user id), or
+            each episode row's own ``(ids, similarity)`` arrays of shape ``(B, k)``; weights
+            ``max(s, 0)`` are used.
         users: ``(B,)`` the user of each row.
         visible: ``(B, n_items)`` bool, the items visible to each row.
         n_items: the item count.
@@ -61,6 +70,13 @@ def next_item_targets(
     """
     users = np.asarray(users, dtype=np.int64)
     visible = np.asarray(visible, dtype=bool)
+    if isinstance(neighbours, UserNeighbours):
+        neighbour_ids, neighbour_similarity = neighbours.ids[users], neighbours.similarity[users]
+    else:
+        neighbour_ids, neighbour_similarity = (np.asarray(array) for array in neighbours)
+        if neighbour_ids.shape != neighbour_similarity.shape or neighbour_ids.shape[:1] != users.shape:
+            raise ConfigError(f"expected per-row neighbour ids and similarities of shape ({len(users)}, k), "
+                              f"got {neighbour_ids.shape} and {neighbour_similarity.shape}")
     rows, items, weights = [], [], []
     for row, user in enumerate(users.tolist()):
         own = sequences[user]
@@ -68,7 +84,7 @@ def next_item_targets(
         start_items = own_visible[-context:]
         if not len(start_items):
             continue
-        for neighbour, similarity in zip(neighbours.ids[user].tolist(), neighbours.similarity[user].tolist()):
+        for neighbour, similarity in zip(neighbour_ids[row].tolist(), neighbour_similarity[row].tolist()):
             if similarity <= 0 or neighbour < 0:
                 continue
             sequence = sequences[neighbour]
@@ -96,7 +112,7 @@ class NextItemCollaborativeReward(CollaborativeReward):
     Args:
         context: the user's most recent visible items whose neighbour transitions form the
             target (default 1: what similar users did right after the user's last visible item).
-        k, similarity, temperature, objective, differentiable, block_size, cache_dir, progress:
+        k, similarity, temperature, objective, differentiable, block_size, cache_dir, progress, neighbours_from:
             as :class:`~refit_gym.rewards.collaborative.CollaborativeReward`.
     """
 
@@ -104,9 +120,11 @@ class NextItemCollaborativeReward(CollaborativeReward):
 
     def __init__(self, context: int = 1, k: int = 20, similarity: str = "cosine",
                  temperature: float = DEFAULT_TEMPERATURE, objective: str = "loglik", differentiable: bool = False,
-                 block_size: Optional[int] = None, cache_dir=None, progress: bool = False) -> None:
+                 block_size: Optional[int] = None, cache_dir=None, progress: bool = False,
+                 neighbours_from: str = "training_rows") -> None:
         super().__init__(k=k, similarity=similarity, temperature=temperature, objective=objective,
-                         differentiable=differentiable, block_size=block_size, cache_dir=cache_dir, progress=progress)
+                         differentiable=differentiable, block_size=block_size, cache_dir=cache_dir, progress=progress,
+                         neighbours_from=neighbours_from)
         self.context = check_int_in_range(context, "context", 1)
         self._sequences: Optional[UserSequences] = None
 
@@ -118,8 +136,10 @@ class NextItemCollaborativeReward(CollaborativeReward):
     def episode_targets(self, episode: EpisodeBatch) -> sp.csr_matrix:
         """The targets of the episode's rows, float32 CSR ``(B, n_items)``."""
         train = self._bound()
-        return next_item_targets(self._sequences, self.neighbours, episode.users.detach().cpu().numpy(),
-                                 episode.visible.detach().cpu().numpy() > 0, train.shape[1], self.context)
+        users = episode.users.detach().cpu().numpy().astype(np.int64)
+        visible = episode.visible.detach().cpu().numpy() > 0
+        return next_item_targets(self._sequences, self.episode_neighbours(users, visible), users, visible,
+                                 train.shape[1], self.context)
 
     def __call__(self, scores: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
         """``(B,)`` expected log-likelihood (or mass) of each episode's next-item target."""
