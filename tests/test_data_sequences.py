@@ -88,6 +88,8 @@ def _broken(change):
         (_broken(lambda c: c["train"].update({0: [1, "x"]})), "non-integer item id 'x'"),
         (_broken(lambda c: c["val"].update({0: [1.5]})), "non-integer item id 1.5"),
         (_broken(lambda c: c.update(test={0: [], 1: [], 2: [0]})), "'test' split is empty"),
+        (_broken(lambda c: c["val"].update({1: [0]})), "'val'[1] holds 0 item(s) (padding removed); leave-one-out"),
+        (_broken(lambda c: c["test"].update({2: [3, 1]})), "'test'[2] holds 2 item(s)"),
     ],
 )
 def test_malformed_content_raises_data_error(tmp_path, content, problem):

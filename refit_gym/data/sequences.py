@@ -53,7 +53,8 @@ def load_sequences(path: Union[str, os.PathLike], name: Optional[str] = None) ->
     Raises:
         DataError: missing file, a pickle referencing a class, missing keys, wrong key /
             value types, users not numbered ``0..n-1``, item ids out of range, empty split, a
-            user without training items, an item both in a user's history and held out (or
+            user without training items, a user without exactly one ``val`` and one ``test``
+            item, an item both in a user's history and held out (or
             in both ``val`` and ``test``).
     """
     path = Path(path)
@@ -93,6 +94,8 @@ def load_sequences(path: Union[str, os.PathLike], name: Optional[str] = None) ->
                 f"(ids are 1-based, 0 is padding, n_items = len(smap))"
             )
     _check_every_user_has_training_items(path, splits["train"][0], n_users)
+    for key in ("val", "test"):
+        _check_one_item_per_user(path, key, splits[key][0], n_users)
     _check_disjoint(path, splits)
     shifted = {key: (users, items - 1) for key, (users, items) in splits.items()}
 
@@ -177,6 +180,19 @@ def _check_every_user_has_training_items(path: Path, train_users: np.ndarray, n_
         )
 
 
+def _check_one_item_per_user(path: Path, key: str, users: np.ndarray, n_users: int) -> None:
+    """Raise unless every user holds out exactly one item in split ``key`` (leave-one-out)."""
+    counts = np.bincount(users, minlength=n_users)
+    wrong = np.flatnonzero(counts != 1)
+    if len(wrong):
+        user = int(wrong[0])
+        raise DataError(
+            f"{path}: '{key}'[{user}] holds {int(counts[user])} item(s) (padding removed); leave-one-out "
+            f"needs exactly one per user ({len(wrong)} user(s) differ: {wrong[:SHOWN_EXAMPLES].tolist()}), "
+            f"or HR and NDCG would count such users as misses or fail to rank them"
+        )
+
+
 def _check_disjoint(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Raise when a user's 'val' / 'test' item is also in their 'train' history, or in both."""
     pairs = {key: np.stack(split, axis=1) for key, split in splits.items()}
@@ -188,8 +204,8 @@ def _check_disjoint(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
         why = (
             "a held-out item that is also a training input leaks the answer"
             if first == "train"
-            else "a test item that is also a valid item can never count (ranking for test masks "
-            "valid items)"
+            else "the test input ends with the validation item, so such a test item repeats its own "
+            "input (repeats as held-out items are not supported)"
         )
         raise DataError(
             f"{path}: user {user}'s '{second}' item {item} is also in '{first}'[{user}]: {why}; "
