@@ -101,7 +101,8 @@ RUNS: dict[str, dict[str, Any]] = {
     # the same placebo of refit_full_budget, for configs whose recipe is the likelihood term alone (ML-1M DreamRec)
     "refit_full_budget_placebo": {"patience": 10**6, "pg_weight": 1.0, "shuffle_rewards_within_user": True},
     # refit with the neighbours of its next-item collaborative term chosen by the visible items only, so the
-    # hidden item takes no part in them (refit_gym/rewards/collaborative.py, "Which items choose the neighbours")
+    # hidden item takes no part in them (refit_gym/rewards/collaborative.py, "Which items choose the neighbours");
+    # it keeps the config's pg_weight, so on a config with pg_weight 0 (ML-1M DreamRec) the term is only logged
     "refit_visible_neighbours": {"reward_term_options": {"next_collaborative": {"neighbours_from": "visible_items"}}},
     "random_holdout": {"holdout": "random", "pg_weight": 1.0},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},

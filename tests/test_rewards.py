@@ -316,6 +316,32 @@ def test_neighbours_from_visible_items_equal_training_rows_when_nothing_is_hidde
     assert spec["c"]["neighbours_from"] == "visible_items"
 
 
+@pytest.mark.parametrize("measure", ["cosine", "pearson"])
+@pytest.mark.parametrize("term_class", [CollaborativeReward, NextItemCollaborativeReward])
+def test_visible_item_neighbours_are_searched_per_row_in_a_batch(data, scores, term_class, measure):
+    # user 3 twice with different visible items, once more repeated, and two other users
+    users = [3, 3, 5, 3, 0]
+    episode = make_episode(data, users, fraction=0.3)
+    visible = episode.visible.clone()
+    visible[1] = torch.from_numpy(data.train[3].toarray()[0]).float()  # the second row of user 3 sees it all
+    episode = dataclasses.replace(episode, visible=visible)
+    assert not torch.equal(visible[0], visible[1]) and torch.equal(visible[0], visible[3])
+    term = term_class(k=4, similarity=measure, temperature=0.3, neighbours_from="visible_items").bind(
+        TrainingInteractions.from_data(data))
+    batch = term(scores[: len(users)], episode)
+    ids, sims = term.episode_neighbours(np.array(users), visible.numpy() > 0)
+    factors = similarity_factors(data.train, measure)
+    for row, user in enumerate(users):
+        single = EpisodeBatch(users=episode.users[row : row + 1], visible=visible[row : row + 1],
+                              held_out=episode.held_out[row : row + 1])
+        assert torch.equal(term(scores[row : row + 1], single), batch[row : row + 1]), row
+        query = data.train[[user]].multiply(sp.csr_matrix(visible[row : row + 1].numpy() > 0)).tocsr()
+        expected_ids, expected_sims = neighbours_of_rows(factors, query, np.array([user]), 4)
+        np.testing.assert_array_equal(ids[row], expected_ids[0])
+        np.testing.assert_array_equal(sims[row], expected_sims[0])
+    assert not np.array_equal(sims[0], sims[1])  # the two rows of user 3 have their own neighbours
+
+
 @pytest.mark.parametrize("term_class", [CollaborativeReward, NextItemCollaborativeReward])
 def test_a_hidden_item_chooses_the_neighbours_only_from_training_rows(term_class):
     # user 0 sees item 0 and hides its last item (1 in the first world, 2 in the second);
@@ -849,6 +875,12 @@ def test_next_item_targets_match_a_plain_python_reference():
     # row 0 (user 0, after item 1): user 1 moved on to 4 and 6 (weight 0.5 each), user 3 to 7 (0.25)
     np.testing.assert_allclose(next_item_targets(sequences, neighbours, users[:1], visible[:1], n_items).toarray()[0],
                                np.array([0, 0, 0, 0, 0.4, 0, 0.4, 0.2]), rtol=1e-6)
+    # per-row neighbour arrays give the same targets as the user-indexed lists
+    per_row = (neighbours.ids[users], neighbours.similarity[users])
+    np.testing.assert_array_equal(next_item_targets(sequences, per_row, users, visible, n_items).toarray(),
+                                  next_item_targets(sequences, neighbours, users, visible, n_items).toarray())
+    with pytest.raises(ConfigError, match="per-row neighbour ids and similarities of shape"):
+        next_item_targets(sequences, (per_row[0][:2], per_row[1][:2]), users, visible, n_items)
     with pytest.raises(ConfigError, match="context"):
         NextItemCollaborativeReward(context=0)
 

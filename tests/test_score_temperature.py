@@ -3,6 +3,7 @@ reference, tends to log(n_items) for a large tau, and bad inputs are refused by 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -97,9 +98,13 @@ def test_a_checkpoint_end_to_end_and_its_uniform_limit(tmp_path, mask):
 
 
 def test_users_without_exactly_one_validation_item_are_refused(bench, tmp_path):
-    data = load_dataset(str(write_pickle(tmp_path / "seq", no_valid_item=True)))
+    with pytest.raises(DataError, match=r"'val'\[0\] holds 0 item"):  # the loader refuses such a pickle
+        load_dataset(str(write_pickle(tmp_path / "bad", no_valid_item=True)))
+    data = load_dataset(str(write_pickle(tmp_path / "seq")))
+    valid = data.valid.tolil()
+    valid[0, :] = 0  # data built some other way: the script's own check
     with pytest.raises(DataError, match="exactly one validation item.*1 users do not"):
-        bench.validation_targets(data)
+        bench.validation_targets(dataclasses.replace(data, valid=valid.tocsr()))
 
 
 class LastItemScores:

@@ -7,7 +7,8 @@ available; see ``docs/rewards.md``). From the **training** matrix only:
    computed in blocks of users and cached, :mod:`refit_gym.rewards.neighbours`); with
    ``neighbours_from="visible_items"``, at call time instead, each episode row's top-``k`` users
    by the similarity of its **visible** items to their training rows (below);
-2. at call time, a collaborative target per user of the batch: the neighbours' training items
+2. at call time, a collaborative target per user of the batch (per distinct user and visible
+   items with ``"visible_items"``): the neighbours' training items
    weighted by similarity (neighbours with similarity ``<= 0`` ignored), **minus the user's own
    training items** -- the high-order user -> item -> user -> item signal the user's own history
    does not hold -- normalised to sum 1 (:func:`collaborative_targets`).
@@ -115,9 +116,11 @@ class CollaborativeReward(RewardTerm):
     """Expected log-likelihood (or mass) of the user's collaborative target under the final scores.
 
     See the module docstring for the target. Binding computes (or loads from the cache) the
-    neighbour lists; a call builds the target rows of its distinct users on the host (sparse,
-    ``O(B k L)``), moves their entries to the scores' device and costs one masked log-softmax
-    plus a gather over the targets' entries.
+    neighbour lists (with ``neighbours_from="visible_items"`` only the similarity factors: a call
+    then searches the neighbours of its distinct (user, visible items) rows); a call builds the
+    target rows of its distinct users (or rows) on the host (sparse, ``O(B k L)``), moves their
+    entries to the scores' device and costs one masked log-softmax plus a gather over the
+    targets' entries.
 
     Args:
         k: neighbours per user, ``1 <= k <= n_users - 1`` (the upper bound is checked at bind).
@@ -168,6 +171,7 @@ class CollaborativeReward(RewardTerm):
         self.neighbours_from = check_choice(neighbours_from, NEIGHBOURS_FROM, "neighbours_from")
         self.neighbours: Optional[UserNeighbours] = None
         self._factors: Optional[tuple[sp.csr_matrix, Optional[np.ndarray]]] = None
+        self._similarity_rows: Optional[sp.csr_matrix] = None
         self._train: Optional[sp.csr_matrix] = None
         self._weights: Optional[sp.csr_matrix] = None
 
@@ -185,7 +189,9 @@ class CollaborativeReward(RewardTerm):
         if self.neighbours_from == "visible_items":
             self.neighbours, self._weights = None, None
             self._train = sp.csr_matrix(train, dtype=np.float32)
-            self._factors = similarity_factors(self._train, self.similarity)
+            # the similarities from the matrix as given (its dtype), as the search at bind uses it
+            self._similarity_rows = sp.csr_matrix(train)
+            self._factors = similarity_factors(self._similarity_rows, self.similarity)
             return self
         self.neighbours = find_neighbours(
             train,
@@ -233,8 +239,8 @@ class CollaborativeReward(RewardTerm):
 
     def _visible_item_neighbours(self, users: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``neighbours_of_rows`` of the users' training rows restricted to their visible items."""
-        train = self._bound()
-        queries = train[users].multiply(sp.csr_matrix(visible, dtype=np.float32)).tocsr()
+        self._bound()
+        queries = self._similarity_rows[users].multiply(sp.csr_matrix(visible, dtype=bool)).tocsr()
         return neighbours_of_rows(self._factors, queries, users, self.k, self.block_size)
 
     def _bound(self) -> sp.csr_matrix:
