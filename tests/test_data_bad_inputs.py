@@ -321,8 +321,11 @@ def test_user_without_training_rows(tmp_path):
     [
         ({"train": {1: [0, 0]}}, r"1 user\(s\) have no training item \(only padding or an empty list\), e\.g\."),
         ({"test": {0: [], 1: [0]}}, r"the 'test' split is empty"),
+        ({"val": {0: [3], 1: [0]}}, r"'val'\[1\] holds 0 item\(s\) \(padding removed\); leave-one-out needs exactly "
+                                   r"one per user \(1 user\(s\) differ: \[1\]\)"),
+        ({"test": {0: [4, 3], 1: [4]}}, r"'test'\[0\] holds 2 item\(s\)"),
     ],
-    ids=["history of padding", "empty test"],
+    ids=["history of padding", "empty test", "a user without a val item", "two test items"],
 )
 def test_empty_sequences(tmp_path, changes, problem):
     with pytest.raises(DataError, match=r"dataset\.pkl: " + problem):
