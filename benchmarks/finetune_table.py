@@ -104,6 +104,9 @@ RUNS: dict[str, dict[str, Any]] = {
     # hidden item takes no part in them (refit_gym/rewards/collaborative.py, "Which items choose the neighbours");
     # it keeps the config's pg_weight, so on a config with pg_weight 0 (ML-1M DreamRec) the term is only logged
     "refit_visible_neighbours": {"reward_term_options": {"next_collaborative": {"neighbours_from": "visible_items"}}},
+    # the same for refit_full_budget, on configs whose recipe is the likelihood term alone (ML-1M DreamRec)
+    "refit_full_budget_visible_neighbours": {"patience": 10**6, "pg_weight": 1.0, "reward_term_options": {
+        "next_collaborative": {"neighbours_from": "visible_items"}}},
     "random_holdout": {"holdout": "random", "pg_weight": 1.0},
     "reinforce": {"agent": "reinforce", "reward": PG_REWARD, "pg_weight": 1.0},
     "ppo": {"agent": "ppo", "reward": PG_REWARD, "clip_range": 1e-3},
