@@ -56,6 +56,7 @@ from refit_gym.rewards.neighbours import (
     SIMILARITIES,
     UserNeighbours,
     find_neighbours,
+    neighbour_weight_rows,
     neighbours_of_rows,
     similarity_factors,
 )
@@ -271,11 +272,7 @@ class CollaborativeReward(RewardTerm):
         """The targets of rows whose neighbours come from their visible items, ``(B, n_items)``."""
         train = self._bound()
         ids, sims = self._visible_item_neighbours(users, visible)
-        weights = np.clip(sims, 0.0, None).astype(np.float32)
-        weight_rows = sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(len(users)), self.k), ids.ravel())),
-                                    shape=(len(users), train.shape[0]), dtype=np.float32)
-        weight_rows.eliminate_zeros()
-        return target_rows_from_weights(train, weight_rows, train[users])
+        return target_rows_from_weights(train, neighbour_weight_rows(ids, sims, train.shape[0]), train[users])
 
     def config(self) -> dict:
         return {

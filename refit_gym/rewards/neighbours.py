@@ -107,13 +107,16 @@ class UserNeighbours:
 
     def weight_matrix(self) -> sp.csr_matrix:
         """Sparse ``(n_users, n_users)`` float32: row ``u`` holds ``u``'s positive neighbour similarities."""
-        weights = np.clip(self.similarity, 0.0, None).astype(np.float32)
-        rows = np.repeat(np.arange(self.n_users, dtype=np.int64), self.k)
-        matrix = sp.csr_matrix(
-            (weights.ravel(), (rows, self.ids.ravel())), shape=(self.n_users, self.n_users), dtype=np.float32
-        )
-        matrix.eliminate_zeros()
-        return matrix
+        return neighbour_weight_rows(self.ids, self.similarity, self.n_users)
+
+
+def neighbour_weight_rows(ids: np.ndarray, similarity: np.ndarray, n_users: int) -> sp.csr_matrix:
+    """Sparse ``(B, n_users)`` float32: row ``b`` holds ``max(similarity[b], 0)`` at the columns ``ids[b]``."""
+    weights = np.clip(similarity, 0.0, None).astype(np.float32)
+    rows = np.repeat(np.arange(ids.shape[0], dtype=np.int64), ids.shape[1])
+    matrix = sp.csr_matrix((weights.ravel(), (rows, ids.ravel())), shape=(ids.shape[0], n_users), dtype=np.float32)
+    matrix.eliminate_zeros()
+    return matrix
 
 
 def similarity_factors(train: sp.spmatrix, measure: str) -> tuple[sp.csr_matrix, Optional[np.ndarray]]:
