@@ -16,6 +16,7 @@ from refit_gym.evaluation.metrics import (
     metric_names,
     ranking_metrics,
     sequential_metrics,
+    top_k_lowest_id_first,
 )
 
 
@@ -144,6 +145,42 @@ def test_mask_and_rank_matches_reference_and_never_ranks_excluded(seed):
     top2 = mask_and_rank(inplace, exclude, k, inplace=True)
     assert torch.equal(top, top2)
     assert torch.isinf(inplace[torch.from_numpy(dense > 0)]).all()
+
+
+@pytest.mark.parametrize("n_items", [7, 60, 5000])
+def test_ties_rank_the_lower_item_id_first(n_items):
+    """Scores from a handful of values (most of them tied): the ranking is the stable sort's, whatever
+    order ``torch.topk``'s kernel leaves equal values in (it differs with the row length)."""
+    gen = torch.Generator().manual_seed(n_items)
+    n_users = 30
+    scores = torch.randint(0, 4, (n_users, n_items), generator=gen).float()
+    scores[0] = 1.0  # a constant row
+    scores[1, :] = float("-inf")  # only 3 rankable items, tied
+    scores[1, [n_items - 1, 2, n_items // 2]] = 0.5
+    for k in sorted({1, 2, 3, 5, n_items // 2 + 1, n_items}):
+        values, top = top_k_lowest_id_first(scores.clone(), k)
+        for u in range(n_users):
+            expected = sorted(range(n_items), key=lambda i: -float(scores[u, i]))[:k]
+            assert top[u].tolist() == expected, (u, k)
+            assert values[u].tolist() == scores[u, expected].tolist()
+    exclude = sp.csr_matrix(np.isinf(scores.numpy()).astype(np.float32))
+    top = mask_and_rank(scores, exclude, 5)
+    assert top[0].tolist() == [0, 1, 2, 3, 4]
+    assert top[1].tolist() == sorted([n_items - 1, 2, n_items // 2]) + [-1, -1]
+
+
+def test_constant_scores_rank_items_in_id_order():
+    """A model without preferences gets the first K ids, the same on every row length and batch: its hit
+    rate is the share of held-out items among them, never inflated toward the held-out item."""
+    n_users, n_items, k = 50, 3000, 20
+    rng = np.random.default_rng(0)
+    held_out = rng.integers(0, n_items, n_users)
+    held_out[:5] = np.arange(5)  # five users' held-out item is among the first K ids
+    truth = sp.csr_matrix((np.ones(n_users, np.float32), (np.arange(n_users), held_out)), shape=(n_users, n_items))
+    top = mask_and_rank(torch.zeros(n_users, n_items), sp.csr_matrix((n_users, n_items)), k)
+    assert torch.equal(top, torch.arange(k).expand(n_users, k))
+    hr = ranking_metrics(top, truth, ks=(k,), protocol="sequential")[f"hr@{k}"]
+    assert float(hr.mean()) == np.mean(held_out < k)
 
 
 def test_accumulator_average_over_all_and_nonempty():

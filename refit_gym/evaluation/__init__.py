@@ -14,6 +14,7 @@ from refit_gym.evaluation.metrics import (
     metric_names,
     ranking_metrics,
     sequential_metrics,
+    top_k_lowest_id_first,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "metric_names",
     "ranking_metrics",
     "sequential_metrics",
+    "top_k_lowest_id_first",
 ]

@@ -122,7 +122,8 @@ def mask_(scores: torch.Tensor, exclude: sp.spmatrix) -> torch.Tensor:
 def mask_and_rank(
     scores: torch.Tensor, exclude: sp.spmatrix, k: int, *, inplace: bool = False
 ) -> torch.Tensor:
-    """The ``k`` best items per user (best first) after excluding ``exclude``'s items.
+    """The ``k`` best items per user (best first; equal scores: the lower item id first,
+    :func:`top_k_lowest_id_first`) after excluding ``exclude``'s items.
 
     Args:
         scores: ``(B, n_items)`` floating scores, higher = better.
@@ -148,8 +149,49 @@ def _mask_and_topk(scores: torch.Tensor, exclude: Optional[sp.spmatrix], k: int)
     """:func:`mask_and_rank` in place, without validating ``scores`` and ``k`` (``exclude=None``: no mask)."""
     if exclude is not None:
         mask_(scores, exclude)
-    values, top = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    values, top = top_k_lowest_id_first(scores, k)
     return top.masked_fill_(values == float("-inf"), -1)
+
+
+def top_k_lowest_id_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, item ids)`` of the ``k`` highest scores per row, best first; among equal scores
+    the lower item id ranks first.
+
+    ``torch.topk`` alone leaves the order of equal scores to its kernel, which differs with the
+    row length and the device; this rule makes a ranking with ties (a popularity count, a
+    constant or saturated model) the same everywhere, and it cannot favour a held-out item, which
+    the ranking never sees. It ranks ``k + 1`` items with ``torch.topk``, sorts the ``k`` kept, and
+    scans a whole row only where the ``k``-th and the next value are equal.
+    """
+    n_items = scores.shape[1]
+    # One item beyond the cut tells which rows have a tie across it: the rest need no full scan.
+    depth = min(k + 1, n_items)
+    values, top = torch.topk(scores, depth, dim=1, largest=True, sorted=True)
+    if k == 0 or scores.shape[0] == 0:
+        return values[:, :k], top[:, :k]
+    cut_tied = values[:, k] == values[:, k - 1] if depth > k else None
+    values, top = values[:, :k], top[:, :k]
+    if bool((values[:, 1:] == values[:, :-1]).any()):
+        # Within the list: equal values in increasing item id (a stable sort by value of the id-sorted list).
+        top, by_id = torch.sort(top, dim=1)
+        values = values.gather(1, by_id)
+        values, by_value = torch.sort(values, dim=1, descending=True, stable=True)
+        top = top.gather(1, by_value)
+    if cut_tied is None:
+        return values, top
+    # At the cut: the items tied with the k-th value that made the list must be the lowest ids among
+    # all the items of the row with that value (topk may have taken others).
+    rows = torch.nonzero(cut_tied).flatten()
+    if rows.numel():
+        kth = values[rows, -1:]
+        need = (values[rows] == kth).sum(dim=1)
+        tied = scores[rows] == kth
+        order = torch.cumsum(tied, dim=1)
+        chosen = tied & (order <= need.unsqueeze(1))
+        which, item = torch.nonzero(chosen, as_tuple=True)
+        slot = k - need[which] + order[which, item] - 1
+        top[rows[which], slot] = item
+    return values, top
 
 
 def ranking_metrics(
