@@ -166,7 +166,8 @@ class SlateAgent(Agent):
 
     def slate_episode(self, episode: EpisodeBatch) -> EpisodeBatch:
         return EpisodeBatch(users=self._per_slate(episode.users), visible=self._per_slate(episode.visible),
-                            held_out=self._per_slate(episode.held_out))
+                            held_out=self._per_slate(episode.held_out),
+                            recent_items=None if episode.recent_items is None else self._per_slate(episode.recent_items))
 
     def draw(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``(N, K)`` slates from ``PL(softmax(logits))`` (the logits already divided by ``tau``)."""

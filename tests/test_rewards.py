@@ -881,6 +881,14 @@ def test_next_item_targets_match_a_plain_python_reference():
                                   next_item_targets(sequences, neighbours, users, visible, n_items).toarray())
     with pytest.raises(ConfigError, match="per-row neighbour ids and similarities of shape"):
         next_item_targets(sequences, (per_row[0][:2], per_row[1][:2]), users, visible, n_items)
+    # the last shown positions (the env's EpisodeBatch.recent_items; -1 pads) give the same without repeats
+    recent = np.array([[-1, 0, 1], [0, 1, 2], [-1, 2, 3]])
+    for context in (1, 2, 3):
+        np.testing.assert_array_equal(
+            next_item_targets(sequences, neighbours, users, visible, n_items, context, recent).toarray(),
+            next_item_targets(sequences, neighbours, users, visible, n_items, context).toarray())
+    with pytest.raises(ConfigError, match="recent_items of shape \\(3, C >= context=2\\)"):
+        next_item_targets(sequences, neighbours, users, visible, n_items, 2, recent[:, -1:])
     with pytest.raises(ConfigError, match="context"):
         NextItemCollaborativeReward(context=0)
 

@@ -271,3 +271,56 @@ def test_the_env_runs_its_hidden_prefix_as_the_reference_chain(name, monkeypatch
     torch.testing.assert_close(fast, reset())
     if name == "dreamrec":
         assert len(encodings) == 1 + DIFFUSION.steps - 1
+
+
+def test_next_item_term_starts_from_the_last_shown_position_when_an_item_repeats():
+    """User 0's hidden last position repeats an item shown earlier: by items the context would be the
+    hidden repeat (item 1, after which its neighbour 4 moved on to 4); by positions it is the last
+    shown item (3, after which neighbour 3 moved on to 5). The env passes the positions, and keeps
+    them per row across a partial reset."""
+    from refit_gym.data.interactions import TrainingInteractions
+    from refit_gym.envs.core import DenoisingMDP
+    from refit_gym.rewards import NextItemCollaborativeReward, build_reward, next_item_targets
+
+    sequences = [[0, 1, 2, 3, 1], [5, 6, 4], [2, 3, 4, 5], [0, 1, 3, 5, 6], [1, 4, 2, 3]]
+    data = sequence_data()
+    seqs = UserSequences.from_lists(sequences)
+    users = np.repeat(np.arange(len(sequences)), seqs.lengths)
+    data = InteractionData(name="toy-repeat", train=pairs_to_csr(users, seqs.items, 5, N_ITEMS), valid=data.valid,
+                           test=data.test, train_sequences=seqs)
+    model = small("dreamrec").eval().requires_grad_(False)
+    reward = build_reward({"next_collaborative": {"weight": 1.0, "k": 2, "context": 1}}, data)
+    assert reward.recent_items_needed == 1
+    core = DenoisingMDP(model, reward, TrainingInteractions.from_data(data), batch_size=5, exposed_steps=1,
+                        holdout_count=1)
+    core.reset(np.random.default_rng(0), users=[0, 1, 2, 3, 4])
+    episode = core.episode()
+    expected = [sequence[-2:-1] for sequence in sequences]  # the last shown position
+    assert episode.recent_items.tolist() == expected
+    assert episode.visible[0, 1] == 1 and not episode.held_out[0].any()  # the repeat stays visible, unscored
+
+    term = reward.terms["next_collaborative"]
+    assert isinstance(term, NextItemCollaborativeReward)
+    by_position = term.episode_targets(episode).toarray()
+    visible = episode.visible.numpy() > 0
+    neighbours = term.episode_neighbours(np.arange(5), visible)
+    by_item = next_item_targets(seqs, neighbours, np.arange(5), visible, N_ITEMS, 1).toarray()
+    np.testing.assert_array_equal(by_position[1:], by_item[1:])  # no repeats: the same
+    starts = {3: {3}, 1: {1}}  # row 0 by position / by item
+    for which, targets in ((3, by_position[0]), (1, by_item[0])):
+        reference = np.zeros(N_ITEMS)
+        for v, s in zip(*(a[0] for a in neighbours)):
+            seq = sequences[v]
+            for a, b in zip(seq[:-1], seq[1:]):
+                if s > 0 and a in starts[which] and not visible[0, b]:
+                    reference[b] += s
+        np.testing.assert_allclose(targets, reference / reference.sum(), rtol=1e-6)
+    assert by_position[0, 5] == 1 and by_item[0, 4] == 1
+
+    core.reset(np.random.default_rng(1), users=[2], mask=[False, False, False, True, False])
+    assert core.episode().recent_items.tolist() == expected[:3] + [expected[2]] + expected[4:]
+    assert core.episode(np.array([3])).recent_items.tolist() == [expected[2]]
+    plain = DenoisingMDP(model, build_reward("loglik", data), TrainingInteractions.from_data(data), batch_size=5,
+                         exposed_steps=1, holdout_count=1)
+    plain.reset(np.random.default_rng(0))
+    assert plain.episode().recent_items is None

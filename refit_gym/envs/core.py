@@ -36,6 +36,7 @@ import torch
 from refit_gym.data.history import HistoryBatch, SequenceTable
 from refit_gym.data.interactions import TrainingInteractions
 from refit_gym.errors import ActionError, ConfigError, EpisodeStateError, RewardError
+from refit_gym.evaluation.metrics import top_k_lowest_id_first
 from refit_gym.models.base import BaseModel, ChainInputs, ConditionSpec
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, StepShaping
 from refit_gym.runtime import PRECISIONS, autocast
@@ -342,6 +343,12 @@ class DenoisingMDP:
         self.users = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
         self.visible = torch.zeros(self.batch_size, self.n_items, device=self.device)
         self.held_out = torch.zeros(self.batch_size, self.n_items, dtype=torch.bool, device=self.device)
+        # The items of the last shown positions, for reward terms that read positions (EpisodeBatch.recent_items).
+        recent_width = int(getattr(reward, "recent_items_needed", 0) or 0)
+        self.recent_items: Optional[torch.Tensor] = (
+            torch.full((self.batch_size, recent_width), -1, dtype=torch.int64, device=self.device)
+            if recent_width else None
+        )
         self.context: dict[str, torch.Tensor] = {}
         self._context_spec = dict(self.model.condition_spec())
 
@@ -446,8 +453,13 @@ class DenoisingMDP:
             context = inputs.condition
             x = self._initial_state(inputs, rows)
             visible = visible.to(torch.float32)
+            recent = None
+            if self.recent_items is not None:
+                recent = shown.recent(self.recent_items.shape[1])
+                recent = recent.masked_fill(recent == shown.pad, -1)
         if rows is None:
             self.x_t, self.users, self.visible, self.held_out = x, chosen, visible, held_out
+            self.recent_items = recent
             self.context = dict(context)
             self._users_host = chosen_host.copy()
             self._t_host = np.full(self.batch_size, self.exposed_steps, dtype=np.int64)
@@ -457,6 +469,8 @@ class DenoisingMDP:
             self.users = self.users.index_put((index,), chosen)
             self.visible = self.visible.index_put((index,), visible)
             self.held_out = self.held_out.index_put((index,), held_out)
+            if recent is not None:
+                self.recent_items = self.recent_items.index_put((index,), recent)
             self.context = {name: self.context[name].index_put((index,), value) for name, value in context.items()}
             users_host, t_host = self._users_host.copy(), self._t_host.copy()
             users_host[rows], t_host[rows] = chosen_host, self.exposed_steps
@@ -576,6 +590,7 @@ class DenoisingMDP:
             users=self._select(self.users, rows),
             visible=self._select(self.visible, rows),
             held_out=self._select(self.held_out, rows),
+            recent_items=None if self.recent_items is None else self._select(self.recent_items, rows),
         )
 
     # ------------------------------------------------------------------ step
@@ -783,10 +798,10 @@ class DenoisingMDP:
         """``(values, item ids)`` of the top-k current item scores of ``rows`` (all by default).
 
         With ``exclude_input`` the items given in the input are left out, as a recommendation
-        list would.
+        list would. Equal scores rank the lower item id first, as in the evaluation.
         """
         with torch.no_grad():
             scores = self.model.item_scores(self._select(self.x_t, rows))
             if exclude_input:
                 scores = scores.masked_fill(self._select(self.visible, rows) > 0, float("-inf"))
-        return torch.topk(scores, min(k, self.n_items), dim=1)
+        return top_k_lowest_id_first(scores, min(k, self.n_items))

@@ -33,12 +33,18 @@ class EpisodeBatch:
         slates: ``(B, K)`` int64, the slate of ``K`` distinct non-input items the env drew for
             each row at the terminal step (env option ``slate_size``); ``None`` when the option
             is off.
+        recent_items: ``(B, C)`` int64, the items at each row's last ``C`` shown positions of its
+            chronological history, oldest first, left-padded with -1. Positions, not items:
+            ``visible`` cannot tell which of an item's repeats is shown. The env fills it when a
+            term asks (:attr:`RewardTerm.recent_items_needed`, ``C`` = the largest ask);
+            ``None`` otherwise.
     """
 
     users: torch.Tensor
     visible: torch.Tensor
     held_out: torch.Tensor
     slates: Optional[torch.Tensor] = None
+    recent_items: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -58,11 +64,14 @@ class RewardTerm:
             log-likelihood term.
         uses_slates: whether ``__call__`` reads ``episode.slates``; the env then refuses to
             be built without its ``slate_size`` option.
+        recent_items_needed: how many of each history's last shown positions ``__call__`` reads
+            from ``episode.recent_items`` (0: none; the env then leaves it ``None``).
     """
 
     name: str = "reward"
     differentiable: bool = False
     uses_slates: bool = False
+    recent_items_needed: int = 0
 
     def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu") -> "RewardTerm":
         """Precompute what the term needs from training data (e.g. neighbour lists); returns self."""

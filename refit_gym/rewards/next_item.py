@@ -16,7 +16,8 @@ user ``u`` whose visible history ends with the items ``C_u`` (the last ``context
 The reward is ``sum_i q_u(i) log p(i)`` (``objective="loglik"``) or ``sum_i q_u(i) p(i)``
 (``"mass"``) under ``p = softmax(scores / tau)`` with the visible items masked, as for the
 ``collaborative`` term. The user's held-out items may be among the neighbours' next items. The
-transitions start from the user's visible items only; with the default
+transitions start from the items at the user's last shown positions (``EpisodeBatch.recent_items``,
+which the env fills for this term; without it, the last positions whose item is visible); with the default
 ``neighbours_from="training_rows"`` the held-out items do take part in choosing ``N(u)`` (the
 similarity compares whole training rows), so neighbours who share them are favoured and the
 target leans toward them; ``"visible_items"`` removes that (never validation or test items
@@ -52,6 +53,7 @@ def next_item_targets(
     visible: np.ndarray,
     n_items: int,
     context: int = 1,
+    recent_items: Optional[np.ndarray] = None,
 ) -> sp.csr_matrix:
     """The next-item collaborative targets of episode rows (see the module docstring).
 
@@ -64,6 +66,11 @@ def next_item_targets(
         visible: ``(B, n_items)`` bool, the items visible to each row.
         n_items: the item count.
         context: how many of the user's most recent visible items the transitions start from.
+        recent_items: ``(B, C)`` the items at each row's last shown positions, oldest first, -1 as
+            padding (``EpisodeBatch.recent_items``, ``C >= context``): the transitions start from
+            the last ``context`` of them. ``None``: from the last ``context`` positions of the
+            user's training sequence whose item is visible, which is the same unless a hidden
+            position's item is also shown at an earlier position (a repeat).
 
     Returns:
         float32 CSR ``(B, n_items)``, rows summing to 1 or empty.
@@ -77,11 +84,19 @@ def next_item_targets(
         if neighbour_ids.shape != neighbour_similarity.shape or neighbour_ids.shape[:1] != users.shape:
             raise ConfigError(f"expected per-row neighbour ids and similarities of shape ({len(users)}, k), "
                               f"got {neighbour_ids.shape} and {neighbour_similarity.shape}")
+    if recent_items is not None:
+        recent_items = np.asarray(recent_items, dtype=np.int64)
+        if recent_items.ndim != 2 or recent_items.shape[0] != len(users) or recent_items.shape[1] < context:
+            raise ConfigError(f"expected recent_items of shape ({len(users)}, C >= context={context}), "
+                              f"got {recent_items.shape}")
     rows, items, weights = [], [], []
     for row, user in enumerate(users.tolist()):
-        own = sequences[user]
-        own_visible = own[visible[row, own]]
-        start_items = own_visible[-context:]
+        if recent_items is None:
+            own = sequences[user]
+            start_items = own[visible[row, own]][-context:]
+        else:
+            start_items = recent_items[row, recent_items.shape[1] - context:]
+            start_items = start_items[start_items >= 0]
         if not len(start_items):
             continue
         for neighbour, similarity in zip(neighbour_ids[row].tolist(), neighbour_similarity[row].tolist()):
@@ -126,6 +141,7 @@ class NextItemCollaborativeReward(CollaborativeReward):
                          differentiable=differentiable, block_size=block_size, cache_dir=cache_dir, progress=progress,
                          neighbours_from=neighbours_from)
         self.context = check_int_in_range(context, "context", 1)
+        self.recent_items_needed = self.context  # the env then passes the last shown positions
         self._sequences: Optional[UserSequences] = None
 
     def bind(self, interactions: TrainingInteractions, device: torch.device | str = "cpu"):
@@ -138,8 +154,9 @@ class NextItemCollaborativeReward(CollaborativeReward):
         train = self._bound()
         users = episode.users.detach().cpu().numpy().astype(np.int64)
         visible = episode.visible.detach().cpu().numpy() > 0
+        recent = None if episode.recent_items is None else episode.recent_items.detach().cpu().numpy()
         return next_item_targets(self._sequences, self.episode_neighbours(users, visible), users, visible,
-                                 train.shape[1], self.context)
+                                 train.shape[1], self.context, recent)
 
     def __call__(self, scores: torch.Tensor, episode: EpisodeBatch) -> torch.Tensor:
         """``(B,)`` expected log-likelihood (or mass) of each episode's next-item target."""

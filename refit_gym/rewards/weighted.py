@@ -31,6 +31,7 @@ class WeightedReward(RewardTerm):
         weights: ``{name: weight}``.
         differentiable: True when every term is (an empty sum is differentiable).
         uses_slates: True when some term reads the env's slates (``episode.slates``).
+        recent_items_needed: the largest ask of the terms (``episode.recent_items``).
 
     Raises:
         ConfigError: a weight that is not a finite number (or negative without
@@ -74,6 +75,10 @@ class WeightedReward(RewardTerm):
     @property
     def uses_slates(self) -> bool:  # type: ignore[override]
         return any(getattr(term, "uses_slates", False) for term in self.terms.values())
+
+    @property
+    def recent_items_needed(self) -> int:  # type: ignore[override]
+        return max((int(getattr(term, "recent_items_needed", 0)) for term in self.terms.values()), default=0)
 
     def __len__(self) -> int:
         return len(self.terms)
