@@ -43,6 +43,7 @@ import torch
 from agents.base import Agent
 from agents.rollout import Rollout, collect_rollouts, group_advantages
 from refit_gym.errors import ConfigError
+from refit_gym.evaluation.metrics import top_k_lowest_id_first
 from refit_gym.rewards.base import EpisodeBatch
 from refit_gym.rewards.functional import masked_logits, scored_items
 from refit_gym.slates import sample_slates, slate_log_prob, slate_reward
@@ -227,7 +228,7 @@ class SlateAgent(Agent):
             log_p = torch.log_softmax(logits, dim=1)
             entropy = -torch.where(torch.isfinite(log_p), log_p.exp() * log_p, 0.0).sum(1)
             grouped = rewards.reshape(-1, self.slates_per_user)
-            greedy = self.rewards(torch.topk(logits, self.config.slate_size, dim=1).indices, episode, relevance)
+            greedy = self.rewards(top_k_lowest_id_first(logits, self.config.slate_size)[1], episode, relevance)
             return {"slate_reward": rewards.mean(), "slate_reward_std_in_user": grouped.std(1).mean(),
                     "slate_reward_greedy": greedy.mean(), "slate_entropy_first_item": entropy.mean()}
 

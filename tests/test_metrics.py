@@ -204,6 +204,8 @@ def test_bad_inputs_raise_library_errors():
         mask_and_rank(scores, exclude, 6)
     with pytest.raises(ConfigError):
         mask_and_rank(scores, exclude, 0)
+    with pytest.raises(ConfigError, match="k must be an int in \\[0, n_items=5\\]"):
+        top_k_lowest_id_first(scores, 6)
     with pytest.raises(DataError, match="exclusion matrix has shape"):
         mask_and_rank(scores, sp.csr_matrix((3, 4), dtype=np.float32), 2)
     with pytest.raises(DataError, match="shape"):

@@ -162,8 +162,15 @@ def top_k_lowest_id_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     constant or saturated model) the same everywhere, and it cannot favour a held-out item, which
     the ranking never sees. It ranks ``k + 1`` items with ``torch.topk``, sorts the ``k`` kept, and
     scans a whole row only where the ``k``-th and the next value are equal.
+
+    Args:
+        scores: ``(B, n_items)`` scores, higher = better, without NaN (-inf ranks last).
+        k: list length, ``0 <= k <= n_items``.
     """
     n_items = scores.shape[1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n_items:
+        raise ConfigError(f"k must be an int in [0, n_items={n_items}], got {k!r}")
+    k = int(k)
     # One item beyond the cut tells which rows have a tie across it: the rest need no full scan.
     depth = min(k + 1, n_items)
     values, top = torch.topk(scores, depth, dim=1, largest=True, sorted=True)

@@ -8,7 +8,8 @@ masked); the held-out items ``H`` are the ground truth. The definitions are thos
 * ``ndcg@K = DCG@K / IDCG@K``, ``DCG@K = sum_{j < K, r_j in H} 1 / log2(j + 2)`` and ``IDCG@K``
   the same sum over the first ``min(|H|, K)`` positions.
 
-A user with no held-out item gets 0. Ties in the scores are broken by ``torch.topk``. The
+A user with no held-out item gets 0. Equal scores rank the lower item id first, as in the
+evaluation (:func:`~refit_gym.evaluation.metrics.top_k_lowest_id_first`). The
 episode batch holds ``H`` as a dense ``(B, n_items)`` mask on the scores' device, so the hits
 are read off it with a gather instead of converting it to the CSR ground truth
 :func:`~refit_gym.evaluation.metrics.ranking_metrics` takes (which would round-trip through
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from refit_gym.evaluation.metrics import top_k_lowest_id_first
 from refit_gym.rewards._checks import check_batch, check_int_in_range
 from refit_gym.rewards.base import EpisodeBatch, RewardTerm, TrainingInteractions
 from refit_gym.rewards.functional import scored_items, visible_mask
@@ -34,7 +36,7 @@ def held_out_hits(scores: torch.Tensor, visible: torch.Tensor, held_out: torch.T
         k: list length, ``1 <= k <= n_items``.
     """
     masked = scores.detach().masked_fill(visible_mask(visible), float("-inf"))
-    values, top = torch.topk(masked, k, dim=1, largest=True, sorted=True)
+    values, top = top_k_lowest_id_first(masked, k)
     return scored_items(held_out, visible).gather(1, top) & torch.isfinite(values)
 
 
