@@ -356,12 +356,10 @@ class Agent:
         """``(len(steps), N)`` log-probs of the rollout's actions under the current policy (with grad),
         of the rows ``rows`` only when given."""
         pick = (lambda x: x) if rows is None else (lambda x: x[rows])
-        context = {k: pick(v) for k, v in rollout.context.items()}
-        values = []
-        for s in steps:
-            loc = self.policy.loc(pick(rollout.states[s]), pick(rollout.remaining[s]), **context)
-            values.append(self.policy.log_prob(pick(rollout.actions[s]), loc))
-        return torch.stack(values)
+        loc_at = self.policy.loc_function(**{k: pick(v) for k, v in rollout.context.items()})  # encoded once
+        return torch.stack([self.policy.log_prob(pick(rollout.actions[s]), loc_at(pick(rollout.states[s]),
+                                                                                   pick(rollout.remaining[s])))
+                            for s in steps])
 
     # ------------------------------------------------------------------ diagnostics
     @staticmethod

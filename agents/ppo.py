@@ -62,14 +62,7 @@ class PPOAgent(Agent):
     def minibatch_loss(self, rollout: Rollout, steps: list[int], rows: torch.Tensor,
                        advantages: torch.Tensor, log_probs_old: torch.Tensor) -> dict[str, torch.Tensor]:
         eps = self.config.clip_range
-        log_probs = torch.stack([
-            self.policy.log_prob(
-                rollout.actions[s, rows],
-                self.policy.loc(rollout.states[s, rows], rollout.remaining[s, rows],
-                                **{k: v[rows] for k, v in rollout.context.items()}),
-            )
-            for s in steps
-        ])
+        log_probs = self.step_log_probs(rollout, steps, rows)
         log_ratio = log_probs - log_probs_old
         ratio = torch.exp(log_ratio)
         objective = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)).mean()

@@ -132,9 +132,10 @@ def collect_rollouts(
     rewards = torch.zeros(recorded, n, device=device)
     unrecorded_return = torch.zeros(n, device=device)
     context = policy.context(observation)
+    loc_at = policy.loc_function(**context)  # the condition encoded once for the whole rollout
     result = None
     for s in range(steps):
-        loc = policy.loc(observation["x_t"], observation["t"], **context)
+        loc = loc_at(observation["x_t"], observation["t"])
         explored = stochastic and s >= first_explored
         action = policy.sample(loc, generator, (core.row_offset, core.global_batch)) if explored else loc
         r = s - first_recorded

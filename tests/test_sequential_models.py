@@ -248,7 +248,6 @@ def test_the_env_runs_its_hidden_prefix_as_the_reference_chain(name, monkeypatch
     """The env's prefix steps with the condition encoded once equal the chain that re-encodes it at every step."""
     from refit_gym.data.interactions import TrainingInteractions
     from refit_gym.envs.core import DenoisingMDP
-    from refit_gym.models.base import BaseModel
     from refit_gym.rewards import build_reward
 
     data = sequence_data()
@@ -267,7 +266,8 @@ def test_the_env_runs_its_hidden_prefix_as_the_reference_chain(name, monkeypatch
     fast = reset()
     if name == "dreamrec":
         assert len(encodings) == 1  # once per chain, not once per step (3 hidden steps here)
-    monkeypatch.setattr(type(model), "chain_denoiser", BaseModel.chain_denoiser)  # the reference: every step
+    every_step = lambda self, **condition: lambda x_t, t: self.denoise(x_t, t, **condition)  # noqa: E731
+    monkeypatch.setattr(type(model), "chain_denoiser", every_step)  # the reference: encoded at every step
     torch.testing.assert_close(fast, reset())
     if name == "dreamrec":
         assert len(encodings) == 1 + DIFFUSION.steps - 1
@@ -324,3 +324,47 @@ def test_next_item_term_starts_from_the_last_shown_position_when_an_item_repeats
                          exposed_steps=1, holdout_count=1)
     plain.reset(np.random.default_rng(0))
     assert plain.episode().recent_items is None
+
+
+@pytest.mark.parametrize("name", ["diffurec", "dreamrec"])
+def test_the_policy_encodes_a_rollouts_history_once(name, monkeypatch):
+    """``loc_function`` equals ``loc`` to the last bit and its gradient up to rounding; with DreamRec a
+    rollout and an update's step log-probs each encode the policy's history once, not once per step."""
+    from agents.config import finetune_config
+    from agents.trainer import build_learner
+    from refit_gym.models.dreamrec import DreamRec
+
+    data = sequence_data()
+    settings = finetune_config({"agent": "refit", "users_per_batch": 5, "rollouts_per_user": 2, "exposed_steps": 3,
+                                "trained_steps": 3, "holdout_count": 1, "reward": {"loglik": {"weight": 1.0}},
+                                "action_mode": "x0", "log_std_init": -2.0})
+    agent = build_learner(settings, small(name), data)
+    policy = agent.policy
+    observation = agent.core.reset(np.random.default_rng(0), users=np.repeat(np.arange(5), 2))
+    context = policy.context(observation)
+    x = torch.randn(10, policy.model.state_dim, generator=torch.Generator().manual_seed(0))
+    steps = [torch.full((10, 1), t, dtype=torch.int64) for t in (1, 2, 3)]
+    loc_at = policy.loc_function(**context)
+    shared = [loc_at(x, t) for t in steps]
+    separate = [policy.loc(x, t, **context) for t in steps]
+    for a, b in zip(shared, separate):
+        assert torch.equal(a, b)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    grads_shared = torch.autograd.grad(sum(loc.square().sum() for loc in shared), params, allow_unused=True)
+    grads_separate = torch.autograd.grad(sum(loc.square().sum() for loc in separate), params, allow_unused=True)
+    for a, b in zip(grads_shared, grads_separate):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the same sum in another order
+
+    if name != "dreamrec":
+        return
+    calls = []
+    encode = DreamRec.history_encoding
+    monkeypatch.setattr(DreamRec, "history_encoding",
+                        lambda model, items: calls.append(model is policy.model) or encode(model, items))
+    rollout = agent.collect(np.arange(5), np.random.default_rng(1), torch.Generator().manual_seed(1))
+    assert calls.count(True) == 1  # three exposed steps, one encoding
+    calls.clear()
+    agent.step_log_probs(rollout, [0, 1, 2])
+    assert calls == [True]

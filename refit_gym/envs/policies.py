@@ -113,6 +113,13 @@ class DenoiserPolicy(nn.Module):
         """The mean action at states ``(x_t, t)`` (``t`` = remaining steps); differentiable."""
         return denoiser_action(self.model.denoise, self.diffusion, x_t, t, self.action_mode, **context)
 
+    def loc_function(self, **context: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x_t, t) -> loc(x_t, t, **context)`` for several steps of the same rows (a rollout, or its
+        steps in an update), the condition encoded once (:meth:`BaseModel.step_denoiser`): equal to
+        :meth:`loc` to the last bit, differentiable, ``x_t`` of shape ``(rows, state_dim)``."""
+        denoise = self.model.step_denoiser(**context)
+        return lambda x_t, t: denoiser_action(denoise, self.diffusion, x_t, t, self.action_mode)
+
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """The denoiser's clean-state estimate at ``(x_t, t)`` (differentiable)."""
         step = diffusion_step(t).to(x_t.device)

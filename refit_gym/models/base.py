@@ -154,15 +154,25 @@ class BaseModel(nn.Module):
             return inputs.start
         return self.diffusion.q_sample(inputs.start, noise_steps - 1, noise=noise)
 
-    def chain_denoiser(self, **condition: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``(x_t, t) -> denoise(x_t, t, **condition)`` for the many steps of one chain.
+    def step_denoiser(self, **condition: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x_t, t) -> denoise(x_t, t, **condition)`` for several steps under one condition, with the
+        same arithmetic as :meth:`denoise` (equal to the last bit) and differentiable.
 
-        The condition is fixed along a chain, so a model whose conditioning does not depend on
-        ``x_t`` overrides this to encode it once (DreamRec's history encoder) instead of once per
-        step. Meant for a model that is not training: in train mode a dropout mask drawn here is
-        shared by every step of the chain.
+        A model whose conditioning does not depend on ``x_t`` overrides this to encode the
+        condition once (DreamRec's history encoder) instead of once per call: the policy's steps
+        of one rollout, and their log-probs in an update, then share one encoding (and its
+        backward). In train mode a dropout mask drawn here would be shared by every step; the
+        fine-tuned policy keeps its model in eval mode.
         """
         return lambda x_t, t: self.denoise(x_t, t, **condition)
+
+    def chain_denoiser(self, **condition: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x_t, t) -> denoise(x_t, t, **condition)`` for the many steps of one chain, as fast as the
+        model allows: :meth:`step_denoiser` by default; a model may also reorder its arithmetic
+        here (DreamRec folds its guided ``mlp1``), so the result may differ from :meth:`denoise` in
+        the last bits. Meant for a model that is not training (sampling, the env's hidden prefix).
+        """
+        return self.step_denoiser(**condition)
 
     def reverse_mean(self, x_t: torch.Tensor, t: int, **condition: torch.Tensor) -> torch.Tensor:
         """The deterministic reverse step ``x_t -> mean of p(x_{t-1} | x_t)`` at diffusion step ``t``."""

@@ -153,6 +153,12 @@ class DreamRec(SequentialDiffusion):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x_t, self.history_encoding(items), t)
 
+    def step_denoiser(self, items: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The history encoded once (it does not depend on ``x_t``); each call is :meth:`denoise`'s
+        denoiser on it (the same arithmetic, differentiable)."""
+        h = self.history_encoding(items)
+        return lambda x_t, t: self.denoiser(x_t, h, t)
+
     def chain_denoiser(self, items: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The history encoded once for a whole chain (it does not depend on ``x_t``), the guided
         ``mlp1`` folded into one product per step (:meth:`DreamRecDenoiser.chain`)."""
