@@ -447,3 +447,17 @@ def test_a_non_finite_reward_is_refused_naming_the_term_and_the_user(data):
     with pytest.raises(RewardError, match=r"reward term 'broken' is nan for user 9; the state was not changed"):
         core.step(obs["x_t"])
     assert torch.equal(core.x_t, before) and core.t.tolist() == [1, 1, 1]
+
+
+def test_top_items_rank_ties_by_item_id_and_skip_the_input(data, monkeypatch):
+    core = make_core(data)
+    core.reset(np.random.default_rng(0))
+    monkeypatch.setattr(core.model, "item_scores", lambda x0: torch.zeros(x0.shape[0], core.n_items))
+    top = core.top_items(3)
+    visible = core.visible > 0
+    for row in range(core.batch_size):
+        expected = [i for i in range(core.n_items) if not visible[row, i]][:3]
+        assert top.indices[row].tolist() == expected
+    assert torch.equal(top.values, torch.zeros(core.batch_size, 3))
+    values, items = core.top_items(2, rows=np.array([1]), exclude_input=False)
+    assert items.tolist() == [[0, 1]] and values.shape == (1, 2)

@@ -804,4 +804,4 @@ class DenoisingMDP:
             scores = self.model.item_scores(self._select(self.x_t, rows))
             if exclude_input:
                 scores = scores.masked_fill(self._select(self.visible, rows) > 0, float("-inf"))
-        return top_k_lowest_id_first(scores, min(k, self.n_items))
+        return torch.return_types.topk(top_k_lowest_id_first(scores, min(k, self.n_items)))  # .values, .indices
