@@ -368,3 +368,44 @@ def test_the_policy_encodes_a_rollouts_history_once(name, monkeypatch):
     calls.clear()
     agent.step_log_probs(rollout, [0, 1, 2])
     assert calls == [True]
+
+
+def test_bench_update_times_the_per_step_reference_against_one_encoding(monkeypatch):
+    """benchmarks/bench_update.py on a toy DreamRec: its reference encodes the history at every step (three
+    exposed + three trained per update), the library once per rollout and once per update; the losses agree
+    up to rounding, and the policy is left as it was."""
+    import importlib.util
+    from pathlib import Path
+
+    from agents.config import finetune_config
+    from agents.trainer import build_learner
+    from refit_gym.models.dreamrec import DreamRec
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_update.py"
+    spec = importlib.util.spec_from_file_location("bench_update", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = sequence_data()
+    settings = finetune_config({"agent": "refit", "users_per_batch": 5, "rollouts_per_user": 2, "exposed_steps": 3,
+                                "trained_steps": 3, "holdout_count": 1, "action_mode": "x0", "log_std_init": -2.0,
+                                "reward": {"next_collaborative": {"weight": 1.0, "k": 2}}})
+    agent = build_learner(settings, small("dreamrec"), data)
+    before = {k: v.clone() for k, v in agent.policy.state_dict().items()}
+    calls = []
+    encode = DreamRec.history_encoding
+    monkeypatch.setattr(DreamRec, "history_encoding",
+                        lambda model, items: calls.append(model is agent.policy.model) or encode(model, items))
+    per_update = {}
+    for name, loc_function in (("once", agent.policy.loc_function), ("per step", bench.per_step_loc_function(agent.policy))):
+        agent.policy.loc_function = loc_function
+        calls.clear()
+        bench.timed_updates(agent, (before, agent.optimizer.state_dict()), data, settings, 1, 0)
+        per_update[name] = calls.count(True)
+    del agent.policy.loc_function
+    assert per_update["per step"] - per_update["once"] == (3 - 1) + (3 - 1)
+    start = {k: v.clone() for k, v in agent.policy.state_dict().items()}
+    report = bench.compare(agent, data, settings, n_updates=2, repeats=2)
+    assert set(report["seconds_per_update"]) == {"once", "per step"} and report["largest_loss_difference"] < 1e-4
+    assert "loc_function" not in vars(agent.policy)
+    for key, value in agent.policy.state_dict().items():
+        assert torch.equal(value, start[key])

@@ -116,7 +116,10 @@ class DenoiserPolicy(nn.Module):
     def loc_function(self, **context: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``(x_t, t) -> loc(x_t, t, **context)`` for several steps of the same rows (a rollout, or its
         steps in an update), the condition encoded once (:meth:`BaseModel.step_denoiser`): equal to
-        :meth:`loc` to the last bit, differentiable, ``x_t`` of shape ``(rows, state_dim)``."""
+        :meth:`loc` to the last bit, differentiable, ``x_t`` of shape ``(rows, state_dim)``. The
+        encoding is of the parameters and rows at this call: build a new function after a parameter
+        update or a reset of any row (the built-in agents build one per rollout and one per update
+        or minibatch; the TorchRL and SB3 agents call :meth:`loc` at every step)."""
         denoise = self.model.step_denoiser(**context)
         return lambda x_t, t: denoiser_action(denoise, self.diffusion, x_t, t, self.action_mode)
 
