@@ -239,8 +239,7 @@ class CollaborativeReward(RewardTerm):
         return ids[inverse], sims[inverse]
 
     def _visible_item_neighbours(self, users: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``neighbours_of_rows`` of the users' training rows restricted to their visible items."""
-        self._bound()
+        """``neighbours_of_rows`` of the users' training rows restricted to their visible items (bound)."""
         queries = self._similarity_rows[users].multiply(sp.csr_matrix(visible, dtype=bool)).tocsr()
         return neighbours_of_rows(self._factors, queries, users, self.k, self.block_size)
 
